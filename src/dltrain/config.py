@@ -1,0 +1,219 @@
+"""Validated configuration: :class:`TrainerConfig` and :class:`CheckpointConfig`.
+
+Every knob of a run lives here, checked by pydantic before anything happens:
+an unknown field, ``max_epochs=0`` or ``device="tpu"`` raise a
+``pydantic.ValidationError`` that names the field and what it allows, before
+any file is written or any model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from dltrain.errors import ConfigError
+
+__all__ = ["CheckpointConfig", "TrainerConfig", "load_config_file"]
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class CheckpointConfig(_Strict):
+    """Where and when the built-in checkpoint plugin saves.
+
+    Checkpointing is on when ``TrainerConfig.checkpoint`` is set.
+    """
+
+    dir: Path = Field(description="Directory that holds the checkpoints (created if missing).")
+    every_n_steps: PositiveInt | None = Field(
+        default=None, description="Save every N optimizer steps; None: not by steps."
+    )
+    every_n_epochs: PositiveInt | None = Field(
+        default=1, description="Save at the end of every N epochs; None: not by epochs."
+    )
+    save_on_fit_end: bool = Field(default=True, description="Save when fit ends.")
+    keep_last: PositiveInt = Field(default=2, description="How many of the newest to keep.")
+    monitor: str | None = Field(
+        default=None, description="Metric that ranks checkpoints for 'best' (e.g. 'val_loss')."
+    )
+    mode: Literal["min", "max"] = Field(
+        default="min", description="Whether a smaller ('min') or larger ('max') metric is better."
+    )
+    keep_best: NonNegativeInt = Field(
+        default=1, description="How many of the best (by `monitor`) to keep as well."
+    )
+
+
+class TrainerConfig(_Strict):
+    """Every setting of a :class:`dltrain.Trainer`, validated.
+
+    Pass it whole (``Trainer(TrainerConfig(...))``) or as keywords
+    (``Trainer(max_epochs=3)``); load it from a file with
+    :meth:`from_file`; export its JSON schema with ``TrainerConfig.model_json_schema()``.
+    """
+
+    # --- how long ---------------------------------------------------------
+    max_epochs: PositiveInt | None = Field(
+        default=None,
+        description="Stop after this many epochs. With max_steps also unset, 1.",
+    )
+    max_steps: PositiveInt | None = Field(default=None, description="Stop after this many optimizer steps.")
+    limit_train_batches: PositiveInt | None = Field(
+        default=None, description="Use at most this many training batches per epoch."
+    )
+    limit_val_batches: PositiveInt | None = Field(
+        default=None, description="Use at most this many batches per evaluation."
+    )
+    val_every_n_epochs: PositiveInt = Field(
+        default=1, description="Validate after every N training epochs (and after the last)."
+    )
+
+    # --- how each step runs -------------------------------------------------
+    accumulate_grad_batches: PositiveInt = Field(
+        default=1, description="Micro-batches whose gradients are summed per optimizer step."
+    )
+    gradient_clip_val: PositiveFloat | None = Field(
+        default=None, description="Clip gradients to this norm or value before each step."
+    )
+    gradient_clip_algorithm: Literal["norm", "value"] = Field(
+        default="norm", description="Clip by total norm ('norm') or elementwise ('value')."
+    )
+    scheduler_interval: Literal["epoch", "step"] = Field(
+        default="epoch",
+        description="Step the LR scheduler after every epoch or every optimizer step.",
+    )
+    scheduler_monitor: str = Field(
+        default="val_loss",
+        description="Metric passed to ReduceLROnPlateau-style schedulers.",
+    )
+    on_nonfinite: Literal["raise", "skip", "stop"] = Field(
+        default="raise",
+        description="What a NaN/inf loss does: raise, skip the step, or stop the run.",
+    )
+
+    # --- where --------------------------------------------------------------
+    device: str = Field(
+        default="auto",
+        description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N', 'mps'.",
+    )
+    seed: int | None = Field(default=None, description="Seed Python, NumPy and torch before the run starts.")
+
+    # --- what people see and keep --------------------------------------------
+    accuracy: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Report accuracy: when outputs look like class scores ('auto'), always, never.",
+    )
+    progress: Literal["auto", "bar", "line", "off"] = Field(
+        default="auto",
+        description="Progress display: a live bar in a terminal, one line per epoch, or none.",
+    )
+    log_every_n_steps: PositiveInt = Field(
+        default=50, description="Interval, in optimizer steps, of step-level metric logging."
+    )
+    run_dir: Path | None = Field(
+        default=Path("runs"),
+        description="Where each run writes its metric log (a new subfolder per run); None: none.",
+    )
+    checkpoint: CheckpointConfig | None = Field(
+        default=None, description="Checkpointing settings; None turns checkpointing off."
+    )
+
+    # --- plugins --------------------------------------------------------------
+    disable_plugins: tuple[str, ...] = Field(
+        default=(), description="Names of plugins not to register, built-ins included."
+    )
+    autoload_plugins: bool = Field(
+        default=True,
+        description="Load plugins installed under the 'dltrain' entry-point group.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError(
+                f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N' (N a number), 'mps'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _default_length(self) -> TrainerConfig:
+        if self.max_epochs is None and self.max_steps is None:
+            object.__setattr__(self, "max_epochs", 1)
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainerConfig:
+        """Load a config from a JSON, TOML or YAML file.
+
+        ``overrides`` replace keys of the file. A top-level ``trainer`` table,
+        when present, is used (so one file can also hold other sections).
+        """
+        data = load_config_file(path)
+        if isinstance(data.get("trainer"), dict):
+            data = data["trainer"]
+        return cls.model_validate({**data, **overrides})
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config as JSON-compatible data (paths as strings)."""
+        data: dict[str, Any] = json.loads(self.model_dump_json())
+        return data
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON, TOML or YAML file into a dict, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; pass the path of a .json, .toml or .yaml file"
+        )
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    try:
+        if suffix == ".json":
+            data: Any = json.loads(text)
+        elif suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as exc:
+                raise ConfigError(f"reading {str(p)!r} needs PyYAML: pip install 'dltrain[yaml]'") from exc
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(
+                f"config file {str(p)!r} has suffix {suffix!r}; use .json, .toml, .yaml or .yml"
+            )
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid {suffix[1:].upper()}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} holds a {type(data).__name__}; it must hold a mapping of settings"
+        )
+    return dict(data)

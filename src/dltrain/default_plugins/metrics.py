@@ -1,0 +1,224 @@
+"""Built-in plugin ``metrics``: exact epoch loss, accuracy and custom metrics.
+
+Values are accumulated on the device as sums and counts (never a mean of
+batch means, never a host sync per step) and turned into floats once per
+epoch by the Trainer. Under distributed training the sums and counts are
+all-reduced, so every rank reports the metric of the whole data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from dltrain._markers import hookimpl
+from dltrain.errors import DltrainError
+
+if TYPE_CHECKING:
+    from dltrain.config import TrainerConfig
+    from dltrain.state import State, StepOutput
+    from dltrain.trainer import Trainer
+
+__all__ = ["MetricsPlugin", "StatefulMetric", "looks_like_classification"]
+
+
+@runtime_checkable
+class StatefulMetric(Protocol):
+    """The protocol of torchmetrics' ``Metric``: ``update``, ``compute``, ``reset``."""
+
+    def update(self, outputs: Any, targets: Any) -> None: ...
+
+    def compute(self) -> Any: ...
+
+    def reset(self) -> None: ...
+
+
+MetricFn = Callable[[Any, Any], Any]
+
+
+def looks_like_classification(outputs: Any, targets: Any) -> bool:
+    """True when ``outputs`` are class scores ``(N, C)`` and ``targets`` class indices ``(N,)``."""
+    return (
+        isinstance(outputs, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and outputs.is_floating_point()
+        and outputs.dim() >= 2
+        and not targets.is_floating_point()
+        and not targets.is_complex()
+        and targets.shape == outputs.shape[:-1]
+    )
+
+
+class _Sums:
+    """Device-resident sums of one epoch."""
+
+    __slots__ = ("correct", "count", "custom", "loss", "loss_count")
+
+    def __init__(self, device: torch.device, n_custom: int) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.custom = torch.zeros(n_custom, dtype=torch.float64, device=device)
+        self.count = 0
+        self.loss_count = 0
+
+
+class MetricsPlugin:
+    """Mean loss, accuracy and user metrics per epoch, for every phase.
+
+    Args:
+        accuracy: ``"auto"`` reports accuracy when outputs and targets look
+            like classification (see :func:`looks_like_classification`),
+            ``"always"`` always, ``"never"`` never.
+        metrics: Extra metrics by name: a callable ``(outputs, targets) ->
+            scalar tensor`` (the batch's mean value; the epoch value is the
+            batch-size-weighted mean), or an object with torchmetrics'
+            ``update``/``compute``/``reset``.
+        report_loss: Whether to report the mean ``loss``; turn it off in a
+            second instance that only adds custom metrics.
+        name: Plugin name; give a second instance another name.
+    """
+
+    def __init__(
+        self,
+        accuracy: Literal["auto", "always", "never"] = "auto",
+        metrics: Mapping[str, MetricFn | StatefulMetric] | None = None,
+        *,
+        report_loss: bool = True,
+        name: str = "metrics",
+    ) -> None:
+        self.name = name
+        self._report_loss = report_loss
+        self._accuracy = accuracy
+        self._fns: dict[str, MetricFn] = {}
+        self._stateful: dict[str, StatefulMetric] = {}
+        for key, metric in (metrics or {}).items():
+            if isinstance(metric, StatefulMetric):
+                self._stateful[key] = metric
+            elif callable(metric):
+                self._fns[key] = metric
+            else:
+                raise DltrainError(
+                    f"metric {key!r} is a {type(metric).__name__}; pass a callable "
+                    f"(outputs, targets) -> tensor or an object with update/compute/reset"
+                )
+        self._sums: _Sums | None = None
+        self._classify: bool | None = None
+        self._resumed = False
+
+    # -- accumulation --------------------------------------------------------
+
+    def _start(self, state: State) -> None:
+        if self._resumed:  # continuing an epoch restored from a checkpoint
+            self._resumed = False
+            return
+        self._sums = None
+        self._classify = None
+        for metric in self._stateful.values():
+            metric.reset()
+
+    @hookimpl
+    def on_train_epoch_start(self, state: State) -> None:
+        """Reset the sums for a new training epoch."""
+        self._start(state)
+
+    @hookimpl
+    def on_eval_epoch_start(self, state: State) -> None:
+        """Reset the sums for a new evaluation."""
+        self._start(state)
+
+    def _update(self, state: State, output: StepOutput) -> None:
+        sums = self._sums
+        if sums is None:
+            sums = self._sums = _Sums(state.device, len(self._fns))
+        bs = output.batch_size
+        sums.count += bs
+        if output.loss is not None:
+            sums.loss.add_(output.loss.detach(), alpha=bs)
+            sums.loss_count += bs
+        outputs, targets = output.outputs, output.targets
+        if targets is None:
+            return
+        if self._classify is None:
+            self._classify = self._accuracy == "always" or (
+                self._accuracy == "auto" and looks_like_classification(outputs, targets)
+            )
+        if self._classify:
+            sums.correct.add_((outputs.detach().argmax(-1) == targets).sum())
+        for i, fn in enumerate(self._fns.values()):
+            sums.custom[i].add_(torch.as_tensor(fn(outputs.detach(), targets)).detach(), alpha=bs)
+        for metric in self._stateful.values():
+            metric.update(outputs.detach(), targets)
+
+    @hookimpl
+    def on_train_batch_end(self, state: State, output: StepOutput) -> None:
+        """Add the batch's loss (and accuracy, custom metrics) to the epoch's sums."""
+        self._update(state, output)
+
+    @hookimpl
+    def on_eval_batch_end(self, state: State, output: StepOutput) -> None:
+        """Add the batch's loss (and accuracy, custom metrics) to the evaluation's sums."""
+        self._update(state, output)
+
+    # -- reporting -----------------------------------------------------------
+
+    @hookimpl
+    def compute_metrics(self, trainer: Trainer, state: State) -> dict[str, Any] | None:
+        """Epoch means from the sums, all-reduced across processes when distributed."""
+        sums = self._sums
+        if sums is None:
+            return None
+        counts = torch.tensor([sums.count, sums.loss_count], dtype=torch.float64, device=sums.loss.device)
+        packed = torch.cat(
+            [sums.loss.reshape(1), sums.correct.to(torch.float64).reshape(1), sums.custom, counts]
+        )
+        if state.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(packed)
+        loss_sum, correct, custom = packed[0], packed[1], packed[2:-2]
+        count, loss_count = packed[-2], packed[-1]
+        result: dict[str, Any] = {}
+        if sums.loss_count and self._report_loss:
+            result["loss"] = loss_sum / loss_count
+        if self._classify:
+            result["accuracy"] = correct / count
+        for i, key in enumerate(self._fns):
+            result[key] = custom[i] / count
+        for key, metric in self._stateful.items():
+            result[key] = metric.compute()
+        return result
+
+    @hookimpl
+    def state_dict(self) -> dict[str, Any] | None:
+        """The sums of the epoch in progress, so a resumed epoch reports exact means."""
+        sums = self._sums
+        if sums is None:
+            return None
+        return {
+            "loss": sums.loss.detach().cpu(),
+            "correct": sums.correct.detach().cpu(),
+            "custom": sums.custom.detach().cpu(),
+            "count": sums.count,
+            "loss_count": sums.loss_count,
+            "classify": self._classify,
+        }
+
+    @hookimpl
+    def load_state_dict(self, trainer: Trainer, state_dict: dict[str, Any]) -> None:
+        """Restore the sums; the resumed epoch's start keeps them."""
+        device = trainer.state.device if trainer.state is not None else torch.device("cpu")
+        sums = _Sums(device, len(self._fns))
+        sums.loss.copy_(state_dict["loss"])
+        sums.correct.copy_(state_dict["correct"])
+        if sums.custom.numel() == state_dict["custom"].numel():
+            sums.custom.copy_(state_dict["custom"])
+        sums.count = int(state_dict["count"])
+        sums.loss_count = int(state_dict["loss_count"])
+        self._sums = sums
+        self._classify = state_dict["classify"]
+        self._resumed = True
+
+
+def make_plugin(config: TrainerConfig) -> MetricsPlugin:
+    """The factory the plugin manager calls."""
+    return MetricsPlugin(accuracy=config.accuracy)

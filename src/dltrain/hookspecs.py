@@ -1,0 +1,359 @@
+"""The hook specifications: the contract between the Trainer and every plugin.
+
+This module *is* the hook reference. Each hook says when it is called, with
+what, and what its return value means. Hooks are called with keyword
+arguments; an implementation may accept any subset of a hook's arguments, in
+any order, and must not give them defaults (pluggy never passes those).
+
+The order in which :meth:`dltrain.Trainer.fit` calls them (pinned by a golden
+test, and drawn on the docs site)::
+
+    select_device                       # first result wins
+    on_setup                            # move / wrap the model
+    on_fit_start
+    for each epoch:
+        on_train_epoch_start
+        for each batch:
+            transfer_batch              # first result wins
+            on_train_batch_start
+            training_step               # first result wins -> StepOutput
+            on_before_backward
+            # loss.backward()
+            on_after_backward
+            if this micro-batch completes an accumulation group:
+                on_before_optimizer_step
+                # clip, optimizer.step(), zero_grad, scheduler (per step)
+            on_train_batch_end
+        compute_metrics                 # all results merged -> train_* metrics
+        on_train_epoch_end              # reads the epoch's metrics
+        if validating this epoch:
+            on_eval_epoch_start
+            for each batch: transfer_batch, on_eval_batch_start, eval_step, on_eval_batch_end
+            compute_metrics             # -> val_* metrics
+            on_eval_epoch_end
+        # scheduler (per epoch)
+    on_fit_end
+    # on an exception anywhere above: on_exception
+    on_teardown                         # always, last
+
+``validate``, ``test`` and ``predict`` call ``select_device``, ``on_setup``,
+``on_<run>_start``, one evaluation epoch as above, ``on_<run>_end`` and
+``on_teardown``.
+
+Producers return values in one phase and consumers read them in the next
+(metrics are computed before ``on_*_epoch_end``, which checkpointing, early
+stopping and loggers implement), so plugins rarely need ``tryfirst`` or
+``trylast``. Within one hook, pluggy calls implementations last-registered
+first: user plugins, then entry-point plugins, then built-ins, with
+``tryfirst``/``trylast`` moving an implementation to the front or back.
+Hook wrappers (``@hookimpl(wrapper=True)``) run around all others and may time,
+guard or alter a call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from dltrain._markers import hookspec
+
+if TYPE_CHECKING:
+    import torch
+
+    from dltrain.config import TrainerConfig
+    from dltrain.state import State, StepOutput
+    from dltrain.trainer import Trainer
+
+
+# ---------------------------------------------------------------------------
+# Setup: once per run (fit, validate, test or predict)
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def select_device(trainer: Trainer, config: TrainerConfig) -> torch.device | None:
+    """Choose the device the run uses. **First result wins.**
+
+    Called once at the start of every run, before any other hook.
+
+    Args:
+        trainer: The Trainer.
+        config: The validated configuration (``config.device`` is the request).
+
+    Returns:
+        A ``torch.device``, or None to let the next implementation decide.
+        The built-in ``device`` plugin answers last, from ``config.device``.
+    """
+
+
+@hookspec
+def on_setup(trainer: Trainer, state: State) -> None:
+    """Prepare the model for the run: move it to ``state.device``, wrap it.
+
+    Called once at the start of every run, after :func:`select_device` and
+    before ``on_fit_start`` (or ``on_validate_start``, ...). An implementation
+    may replace ``trainer.model`` (for example with a wrapped model); the
+    built-in ``device`` plugin moves the model here with ``tryfirst``.
+
+    Args:
+        trainer: The Trainer; ``trainer.model`` is the model of this run.
+        state: The run's state; ``state.device`` is the chosen device.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Runs: start and end of each public entry point
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def on_fit_start(trainer: Trainer, state: State) -> None:
+    """Called when :meth:`~dltrain.Trainer.fit` starts, after :func:`on_setup`.
+
+    On a resumed run, ``state`` already holds the restored counters.
+    """
+
+
+@hookspec
+def on_fit_end(trainer: Trainer, state: State) -> None:
+    """Called when fit finishes without an exception (all epochs done, or a stop).
+
+    ``state.stop_reason`` says why it ended; ``trainer.history`` is complete.
+    """
+
+
+@hookspec
+def on_validate_start(trainer: Trainer, state: State) -> None:
+    """Called when a standalone :meth:`~dltrain.Trainer.validate` starts.
+
+    Validation inside ``fit`` does not call it; it calls the eval epoch hooks.
+    """
+
+
+@hookspec
+def on_validate_end(trainer: Trainer, state: State) -> None:
+    """Called when a standalone :meth:`~dltrain.Trainer.validate` finishes."""
+
+
+@hookspec
+def on_test_start(trainer: Trainer, state: State) -> None:
+    """Called when :meth:`~dltrain.Trainer.test` starts."""
+
+
+@hookspec
+def on_test_end(trainer: Trainer, state: State) -> None:
+    """Called when :meth:`~dltrain.Trainer.test` finishes."""
+
+
+@hookspec
+def on_predict_start(trainer: Trainer, state: State) -> None:
+    """Called when :meth:`~dltrain.Trainer.predict` starts."""
+
+
+@hookspec
+def on_predict_end(trainer: Trainer, state: State) -> None:
+    """Called when :meth:`~dltrain.Trainer.predict` finishes."""
+
+
+@hookspec
+def on_exception(trainer: Trainer, state: State, exception: BaseException) -> None:
+    """Called when a run is ending because of an exception (KeyboardInterrupt included).
+
+    The exception is re-raised after all implementations ran. An
+    implementation that raises itself does not stop the others; its error
+    is attached to the original as a note.
+
+    Args:
+        exception: The exception that ends the run.
+    """
+
+
+@hookspec
+def on_teardown(trainer: Trainer, state: State) -> None:
+    """Called last in every run, whether it succeeded or raised. Close files here."""
+
+
+# ---------------------------------------------------------------------------
+# Epochs
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def on_train_epoch_start(trainer: Trainer, state: State) -> None:
+    """Called before the first batch of each training epoch (model in train mode).
+
+    ``state.epoch`` is the number of epochs completed before this one.
+    """
+
+
+@hookspec
+def on_train_epoch_end(trainer: Trainer, state: State, metrics: Mapping[str, float]) -> None:
+    """Called after each training epoch, once its metrics are computed.
+
+    Args:
+        metrics: This epoch's training metrics (``train_loss``, ...) as floats,
+            also in ``state.metrics``. Validation of this epoch has not run yet.
+    """
+
+
+@hookspec
+def on_eval_epoch_start(trainer: Trainer, state: State) -> None:
+    """Called before the first batch of an evaluation (model in eval mode).
+
+    ``state.phase`` is VALIDATE, TEST or PREDICT. Inside fit, this is each
+    validation; standalone, the one evaluation of validate/test/predict.
+    """
+
+
+@hookspec
+def on_eval_epoch_end(trainer: Trainer, state: State, metrics: Mapping[str, float]) -> None:
+    """Called after an evaluation, once its metrics are computed.
+
+    Inside fit this is where checkpointing, early stopping and loggers see
+    the validation metrics of the epoch.
+
+    Args:
+        metrics: This evaluation's metrics (``val_loss``, ``test_accuracy``, ...)
+            as floats; empty for predict.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Batches (the hot path: keep implementations cheap and free of host syncs)
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def transfer_batch(trainer: Trainer, state: State, batch: Any, device: torch.device) -> Any:
+    """Move one batch to ``device``. **First result wins.**
+
+    Called for every batch of every phase, before its batch-start hook. The
+    built-in ``device`` plugin answers last: it moves tensors inside nested
+    tuples, lists, dicts, named tuples and dataclasses, and leaves other values alone.
+
+    Returns:
+        The batch on the device, or None to let the next implementation decide.
+    """
+
+
+@hookspec
+def on_train_batch_start(trainer: Trainer, state: State, batch: Any) -> None:
+    """Called for each training batch (already on the device), before its step."""
+
+
+@hookspec(firstresult=True)
+def training_step(trainer: Trainer, state: State, model: torch.nn.Module, batch: Any) -> Any:
+    """Turn one training batch into a loss. **First result wins.**
+
+    Called inside autocast (when mixed precision is on) with the model in
+    train mode. The built-in ``step`` plugin answers last: for an
+    ``(inputs, targets)`` tuple or list, or a dict with ``inputs``/``targets``
+    keys (or ``x``/``y``, ``input``/``target``, ``label``/``labels``), it
+    returns ``trainer.loss_fn(model(inputs), targets)``. Implement this
+    hook to support any other batch shape.
+
+    Returns:
+        A :class:`~dltrain.StepOutput`, a scalar loss tensor, or None to let the
+        next implementation decide. Do not call ``backward`` here.
+    """
+
+
+@hookspec
+def on_before_backward(trainer: Trainer, state: State, loss: torch.Tensor) -> None:
+    """Called right before ``backward`` with the loss about to be back-propagated.
+
+    Args:
+        loss: The loss, already divided by ``accumulate_grad_batches``.
+    """
+
+
+@hookspec
+def on_after_backward(trainer: Trainer, state: State) -> None:
+    """Called right after ``backward``; gradients hold this micro-batch's contribution."""
+
+
+@hookspec
+def on_before_optimizer_step(trainer: Trainer, state: State, optimizer: torch.optim.Optimizer) -> None:
+    """Called before each optimizer step, after gradients are unscaled and clipped.
+
+    Not called for micro-batches that only accumulate gradients.
+    ``state.global_step`` is the number of steps taken before this one.
+    """
+
+
+@hookspec
+def on_train_batch_end(trainer: Trainer, state: State, batch: Any, output: StepOutput) -> None:
+    """Called after each training batch (and its optimizer step, when it had one).
+
+    Args:
+        batch: The batch, on the device.
+        output: The step's output; ``output.loss`` is the undivided loss.
+            Accumulate it on the device: calling ``.item()`` here stalls CUDA every step.
+    """
+
+
+@hookspec(firstresult=True)
+def eval_step(trainer: Trainer, state: State, model: torch.nn.Module, batch: Any) -> Any:
+    """Run the model on one evaluation batch. **First result wins.**
+
+    Called under ``torch.inference_mode()`` with the model in eval mode, for
+    validation, test and predict (``state.phase`` says which). The built-in
+    ``step`` plugin answers last: it unpacks the batch like ``training_step``,
+    and computes the loss when there are targets and ``trainer.loss_fn`` is set.
+    In predict, a batch that is a bare tensor is the inputs.
+
+    Returns:
+        A :class:`~dltrain.StepOutput`, or None to let the next implementation decide.
+    """
+
+
+@hookspec
+def on_eval_batch_start(trainer: Trainer, state: State, batch: Any) -> None:
+    """Called for each evaluation batch (already on the device), before its step."""
+
+
+@hookspec
+def on_eval_batch_end(trainer: Trainer, state: State, batch: Any, output: StepOutput) -> None:
+    """Called after each evaluation batch with its :class:`~dltrain.StepOutput`."""
+
+
+# ---------------------------------------------------------------------------
+# Values: metrics and checkpointable plugin state
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def compute_metrics(trainer: Trainer, state: State) -> Mapping[str, Any] | None:
+    """Report this epoch's metrics. **All results are merged.**
+
+    Called once at the end of every training epoch and every evaluation,
+    before ``on_train_epoch_end`` / ``on_eval_epoch_end``. ``state.phase``
+    says which phase ended.
+
+    Returns:
+        A mapping of metric name (without phase prefix: ``"loss"``,
+        ``"accuracy"``) to a scalar tensor or number, or None. The Trainer
+        prefixes each name with the phase (``train_``, ``val_``, ``test_``)
+        and converts all values to floats with one device sync. The same
+        name from two plugins is a :class:`~dltrain.PluginError` naming both.
+    """
+
+
+@hookspec
+def state_dict(trainer: Trainer) -> dict[str, Any] | None:
+    """Return this plugin's state for a checkpoint, or None if it has none.
+
+    Called on each plugin separately when a checkpoint is written; the
+    result is stored under the plugin's name. It must hold only tensors and
+    plain Python data (checkpoints are loaded with ``weights_only=True``).
+    """
+
+
+@hookspec
+def load_state_dict(trainer: Trainer, state_dict: dict[str, Any]) -> None:
+    """Restore this plugin's state from a checkpoint.
+
+    Called on each plugin separately at resume, before ``on_fit_start``,
+    with what its :func:`state_dict` returned; not called for plugins with
+    nothing saved.
+    """
