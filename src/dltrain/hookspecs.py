@@ -10,6 +10,7 @@ test, and drawn on the docs site)::
 
     select_device                       # first result wins
     on_setup                            # move / wrap the model
+    prepare_data                        # first result wins; per data argument
     on_fit_start
     for each epoch:
         on_train_epoch_start
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     import torch
 
     from dltrain.config import TrainerConfig
-    from dltrain.state import State, StepOutput
+    from dltrain.state import Phase, State, StepOutput
     from dltrain.trainer import Trainer
 
 
@@ -98,6 +99,20 @@ def on_setup(trainer: Trainer, state: State) -> None:
     Args:
         trainer: The Trainer; ``trainer.model`` is the model of this run.
         state: The run's state; ``state.device`` is the chosen device.
+    """
+
+
+@hookspec(firstresult=True)
+def prepare_data(trainer: Trainer, state: State, data: Any, phase: Phase) -> Any:
+    """Wrap or replace the batches of one phase before the run uses them. **First result wins.**
+
+    Called once per run for each data argument (``train_data`` with phase
+    TRAIN, ``val_data`` with VALIDATE, and the data of validate/test/predict),
+    after :func:`on_setup`. The distributed plugin uses it to give each
+    process its shard (a ``DistributedSampler``).
+
+    Returns:
+        The data to use instead, or None to keep it as it is.
     """
 
 

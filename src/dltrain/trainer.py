@@ -172,6 +172,10 @@ class Trainer:
         self.history = History()
         state = self.state = State(run=RunKind.FIT)
         with self._run(state):
+            train_data = self._prepare(state, train_data, Phase.TRAIN)
+            self._train_data = train_data
+            if val_data is not None:
+                val_data = self._prepare(state, val_data, Phase.VALIDATE)
             if resume is not None:
                 self._resume(resume, strict=resume_strict)
             self._hooks.call("on_fit_start", trainer=self, state=state)
@@ -287,6 +291,10 @@ class Trainer:
 
     # -------------------------------------------------------------- internals
 
+    def _prepare(self, state: State, data: Any, phase: Phase) -> Any:
+        replaced = self._hooks.call_first("prepare_data", trainer=self, state=state, data=data, phase=phase)
+        return data if replaced is None else replaced
+
     def _require_state(self) -> State:
         if self.state is None:
             raise DltrainError("no run in progress: state_dict/load_state_dict work during fit (from hooks)")
@@ -388,6 +396,8 @@ class Trainer:
             validate_now = val_data is not None and self._validates(state.epoch)
             if resuming_stage != _STAGE_VALIDATE:
                 self._train_epoch(state, train_data, resuming=resuming_stage == _STAGE_TRAIN)
+                # A stop requested mid-epoch (interrupt, preemption) ends now, without validation.
+                validate_now = validate_now and not state.stop_requested
                 if not validate_now:
                     self._step_scheduler_epoch(state)
                     self._stage = _STAGE_DONE
@@ -676,6 +686,7 @@ class Trainer:
         state = self.state = State(run=run)
         name = run.value
         with self._run(state):
+            data = self._prepare(state, data, phase)
             self._hooks.call(f"on_{name}_start", trainer=self, state=state)
             metrics = self._eval_epoch(state, phase, data, self.config.limit_val_batches, collect)
             self._hooks.call("on_eval_epoch_end", trainer=self, state=state, metrics=metrics)
