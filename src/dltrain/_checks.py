@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -58,7 +58,8 @@ def check_data(data: Any, argument: str) -> Iterable[Any]:
         raise DataError(
             f"{argument} must be iterable (a DataLoader, a list of batches), got {type(data).__name__}"
         )
-    if iter(data) is data:
+    # Never call iter() here: a DataLoader draws from its generator when iterated.
+    if isinstance(data, Iterator):
         raise DataError(
             f"{argument} is an iterator, which is exhausted after one epoch; pass something that can be "
             f"iterated again (a DataLoader, a list), or a function's result wrapped in a list"

@@ -1,0 +1,241 @@
+"""Writing, registering, discovering and disabling plugins, as a user would."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import dltrain
+from dltrain import PluginError, hookimpl
+from dltrain.testing import tiny_loader, tiny_model
+
+
+def make_trainer(**kw: Any) -> dltrain.Trainer:
+    kw.setdefault("progress", "off")
+    kw.setdefault("run_dir", None)
+    kw.setdefault("device", "cpu")
+    return dltrain.Trainer(**kw)
+
+
+def fit(trainer: dltrain.Trainer, epochs_data: int = 32) -> dltrain.History:
+    model = tiny_model()
+    return trainer.fit(
+        model,
+        tiny_loader(samples=epochs_data),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+    )
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.steps = 0
+
+    @hookimpl
+    def on_train_batch_end(self) -> None:
+        self.steps += 1
+
+
+def test_a_user_plugin_is_called() -> None:
+    counter = Counter()
+    fit(make_trainer(plugins=[counter], max_epochs=2))
+    assert counter.steps == 4
+
+
+def test_registering_a_class_instead_of_an_instance_says_forgot_parens() -> None:
+    with pytest.raises(PluginError, match=r"Counter.*class, not an instance.*Counter\(\).*forgot the \(\)"):
+        make_trainer(plugins=[Counter])
+
+
+def test_a_misspelled_hook_fails_at_construction_with_a_suggestion() -> None:
+    class Typo:
+        @hookimpl
+        def on_train_batch_ned(self) -> None: ...
+
+    with pytest.raises(PluginError, match=r"'Typo'.*'on_train_batch_ned'.*did you mean 'on_train_batch_end'"):
+        make_trainer(plugins=[Typo()])
+
+
+def test_an_argument_the_hook_does_not_have_is_named() -> None:
+    class WrongArg:
+        @hookimpl
+        def on_train_batch_end(self, trainer: Any, loss: Any) -> None: ...
+
+    with pytest.raises(PluginError) as info:
+        make_trainer(plugins=[WrongArg()])
+    message = str(info.value)
+    assert "'WrongArg'" in message and "'on_train_batch_end'" in message and "['loss']" in message
+    assert "'output'" in message  # lists what the hook is called with
+
+
+def test_an_exception_in_a_plugin_names_the_plugin_and_hook_and_keeps_the_cause() -> None:
+    class Boom:
+        name = "boom"
+
+        @hookimpl
+        def on_train_batch_end(self, state: dltrain.State) -> None:
+            if state.global_step == 2:
+                raise ValueError("kaput")
+
+    with pytest.raises(PluginError, match=r"plugin 'boom' raised ValueError in hook 'on_train_batch_end'") as info:
+        fit(make_trainer(plugins=[Boom()], max_epochs=2))
+    assert "global step 2" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert info.value.__cause__.__traceback__ is not None
+
+
+def test_on_exception_and_teardown_run_when_a_run_fails() -> None:
+    seen: list[str] = []
+
+    class Watcher:
+        @hookimpl
+        def on_exception(self, exception: BaseException) -> None:
+            seen.append(f"exception:{type(exception).__name__}")
+
+        @hookimpl
+        def on_teardown(self) -> None:
+            seen.append("teardown")
+
+        @hookimpl
+        def on_train_batch_start(self) -> None:
+            raise RuntimeError("x")
+
+    with pytest.raises(PluginError):
+        fit(make_trainer(plugins=[Watcher()]))
+    assert seen == ["exception:PluginError", "teardown"]
+
+
+def test_duplicate_plugin_names_are_an_error() -> None:
+    with pytest.raises(PluginError, match="two plugins are named 'Counter'"):
+        make_trainer(plugins=[Counter(), Counter()])
+
+
+def test_builtins_can_be_disabled_by_name() -> None:
+    trainer = make_trainer(disable_plugins=["metrics"])
+    assert trainer.plugin_manager.get_plugin("metrics") is None
+    history = fit(trainer)
+    assert history.epochs == [{"epoch": 1}]
+
+
+def test_two_trainers_never_share_plugin_state() -> None:
+    a, b = make_trainer(), make_trainer()
+    assert a.plugin_manager.get_plugin("metrics") is not b.plugin_manager.get_plugin("metrics")
+    fit(a)
+    assert b.history.epochs == []
+
+
+def test_a_wrapper_hook_times_every_training_step() -> None:
+    class StepTimer:
+        def __init__(self) -> None:
+            self.durations: list[float] = []
+
+        @hookimpl(wrapper=True)
+        def training_step(self) -> Any:
+            start = time.perf_counter()
+            result = yield
+            self.durations.append(time.perf_counter() - start)
+            return result
+
+    timer = StepTimer()
+    fit(make_trainer(plugins=[timer], max_epochs=3))
+    assert len(timer.durations) == 6
+    assert all(d > 0 for d in timer.durations)
+
+
+def test_tryfirst_runs_before_other_implementations() -> None:
+    order: list[str] = []
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def on_fit_start(self) -> None:
+            order.append("first")
+
+    class Plain:
+        @hookimpl
+        def on_fit_start(self) -> None:
+            order.append("plain")
+
+    fit(make_trainer(plugins=[First(), Plain()]))
+    assert order == ["first", "plain"]
+
+
+def test_explain_hooks_lists_implementers_in_call_order() -> None:
+    trainer = make_trainer(plugins=[Counter()])
+    table = trainer.explain_hooks()
+    line = next(line for line in table.splitlines() if line.startswith("on_train_batch_end"))
+    assert line.split(None, 1)[1] == "Counter, metrics"
+    assert trainer.plugin_manager.implementers("transfer_batch") == ["device"]
+
+
+def test_metric_names_reported_twice_name_both_plugins() -> None:
+    class Loss:
+        @hookimpl
+        def compute_metrics(self) -> dict[str, float]:
+            return {"loss": 1.0}
+
+    with pytest.raises(PluginError, match=r"'train_loss' is reported by two plugins, 'Loss' and 'metrics'"):
+        fit(make_trainer(plugins=[Loss()]))
+
+
+# -- entry points: a real distribution's metadata on sys.path ------------------------
+
+
+@pytest.fixture
+def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake installed distribution 'dltrain-hello' exposing entry point 'hello'."""
+    site = tmp_path / "site"
+    (site / "dltrain_hello").mkdir(parents=True)
+    (site / "dltrain_hello" / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            import dltrain
+
+            class HelloPlugin:
+                instances = 0
+
+                def __init__(self):
+                    HelloPlugin.instances += 1
+                    self.epochs = 0
+
+                @dltrain.hookimpl
+                def on_train_epoch_end(self):
+                    self.epochs += 1
+            """
+        )
+    )
+    dist = site / "dltrain_hello-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dltrain-hello\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[dltrain]\nhello = dltrain_hello:HelloPlugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("DLTRAIN_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    yield site
+    sys.modules.pop("dltrain_hello", None)
+
+
+def test_an_installed_plugin_is_discovered_and_called(installed_plugin: Path) -> None:
+    trainer = make_trainer(max_epochs=2)
+    plugin = trainer.plugin_manager.get_plugin("hello")
+    assert plugin is not None
+    info = {p.name: p for p in trainer.plugin_manager.plugins()}["hello"]
+    assert info.source == "entrypoint" and "dltrain_hello:HelloPlugin" in info.origin
+    fit(trainer)
+    assert plugin.epochs == 2  # type: ignore[attr-defined]
+    other = make_trainer()
+    assert other.plugin_manager.get_plugin("hello") is not plugin  # a fresh instance per Trainer
+
+
+def test_an_installed_plugin_can_be_disabled_by_name(installed_plugin: Path) -> None:
+    assert make_trainer(disable_plugins=["hello"]).plugin_manager.get_plugin("hello") is None
+
+
+def test_autoload_off_skips_entry_points(installed_plugin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert make_trainer(autoload_plugins=False).plugin_manager.get_plugin("hello") is None
+    monkeypatch.setenv("DLTRAIN_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert make_trainer().plugin_manager.get_plugin("hello") is None
