@@ -114,6 +114,12 @@ class TrainerConfig(_Strict):
         default="auto",
         description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N', 'mps'.",
     )
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        default="32",
+        description="'32' (float32), 'bf16-mixed' (autocast to bfloat16; CPU or CUDA), "
+        "'16-mixed' (autocast to float16 with a GradScaler; CUDA only).",
+    )
+    compile: bool = Field(default=False, description="Apply torch.compile to the model.")
     seed: int | None = Field(default=None, description="Seed Python, NumPy and torch before the run starts.")
 
     # --- what people see and keep --------------------------------------------

@@ -40,7 +40,7 @@ def _recording_impl(hook_name: str) -> Callable[..., None]:
     impl.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [self_param, *(p.replace(annotation=inspect.Parameter.empty) for p in params)]
     )
-    return hookimpl(impl)  # type: ignore[no-any-return]
+    return hookimpl(impl)
 
 
 class HookRecorder:

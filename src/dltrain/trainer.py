@@ -115,6 +115,8 @@ class Trainer:
         self._nonfinite_guard: torch.Tensor | None = None
         self._guard_window = (0, 0)
         self._resume_rng: dict[str, Any] | None = None
+        self._autocast: Any = None
+        self._scaler: Any = None
 
     # ------------------------------------------------------------------ API
 
@@ -240,6 +242,7 @@ class Trainer:
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
             "loop": loop,
             "data": data_state() if callable(data_state) else None,
             "rng": get_rng_state(),
@@ -270,6 +273,8 @@ class Trainer:
             self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload.get("scheduler") is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
+        if self._scaler is not None and payload.get("scaler") is not None:
+            self._scaler.load_state_dict(payload["scaler"])
         loop = payload["loop"]
         state.epoch, state.global_step = int(loop["epoch"]), int(loop["global_step"])
         state.batch_idx, state.micro_step = int(loop["batch_idx"]), int(loop["micro_step"])
@@ -346,6 +351,9 @@ class Trainer:
                 state.world_size = torch.distributed.get_world_size()
                 state.rank = torch.distributed.get_rank()
             self._hooks.call("on_setup", trainer=self, state=state)
+            self._setup_precision(state)
+            if self.config.compile and not hasattr(self.model, "_orig_mod"):
+                self.model = torch.compile(self.model)  # type: ignore[assignment]
             yield
         except BaseException as exc:
             error = self._explain(exc, state)
@@ -359,6 +367,23 @@ class Trainer:
             raise error from exc
         finally:
             self._hooks.call("on_teardown", trainer=self, state=state)
+
+    def _setup_precision(self, state: State) -> None:
+        precision = self.config.precision
+        self._autocast = None
+        self._scaler = None
+        if precision == "32":
+            return
+        device_type = state.device.type
+        if precision == "16-mixed" and device_type != "cuda":
+            raise DltrainError(
+                f"precision='16-mixed' needs a CUDA device, but the run uses {state.device}; "
+                f"use precision='bf16-mixed' on {device_type}"
+            )
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+        self._autocast = lambda: torch.autocast(device_type=device_type, dtype=dtype)
+        if precision == "16-mixed":
+            self._scaler = torch.amp.GradScaler(device_type)
 
     def _each_exception_impl(self) -> Iterator[tuple[str, Any]]:
         caller = self.plugin_manager.hook.on_exception
@@ -470,7 +495,7 @@ class Trainer:
         on_start, on_end = h.get("on_train_batch_start"), h.get("on_train_batch_end")
         on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
         step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
-        device = state.device
+        device, autocast, scaler = state.device, self._autocast, self._scaler
         seen = 0
         for batch_idx, (batch, is_last) in enumerate(_with_last(batches), start):
             seen += 1
@@ -479,7 +504,11 @@ class Trainer:
                 batch = transfer(trainer=self, state=state, batch=batch, device=device)
             if on_start is not None:
                 on_start(trainer=self, state=state, batch=batch)
-            output = step_hook(trainer=self, state=state, model=model, batch=batch)
+            if autocast is None:
+                output = step_hook(trainer=self, state=state, model=model, batch=batch)
+            else:
+                with autocast():
+                    output = step_hook(trainer=self, state=state, model=model, batch=batch)
             output = self._as_step_output(output, batch)
             loss = output.loss
             assert loss is not None
@@ -487,7 +516,10 @@ class Trainer:
             scaled = loss / accum if accum > 1 else loss
             if on_before_bw is not None:
                 on_before_bw(trainer=self, state=state, loss=scaled)
-            scaled.backward()  # type: ignore[no-untyped-call]
+            if scaler is None:
+                scaled.backward()  # type: ignore[no-untyped-call]
+            else:
+                scaler.scale(scaled).backward()
             if on_after_bw is not None:
                 on_after_bw(trainer=self, state=state)
             self._guard_nonfinite(state, loss)
@@ -535,6 +567,9 @@ class Trainer:
         cfg, h = self.config, self._hooks
         accum = cfg.accumulate_grad_batches
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scaler = self._scaler
+        if scaler is not None:  # clip and rescale true gradients, not scaled ones
+            scaler.unscale_(optimizer)
         if micro_steps != accum and params:  # a last, partial group: undo the 1/accum scaling
             torch._foreach_mul_([p.grad for p in params], accum / micro_steps)
         if cfg.gradient_clip_val is not None and params:
@@ -546,9 +581,14 @@ class Trainer:
         self._skip_this_step = False
         if not skip:
             h.call("on_before_optimizer_step", trainer=self, state=state, optimizer=optimizer)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
         else:
             state.skipped_steps += 1
+        if scaler is not None:
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.micro_step = 0
         state.global_step += 1
@@ -655,7 +695,11 @@ class Trainer:
                     batch = transfer(trainer=self, state=state, batch=batch, device=state.device)
                 if on_start is not None:
                     on_start(trainer=self, state=state, batch=batch)
-                output = step(trainer=self, state=state, model=model, batch=batch)
+                if self._autocast is None:
+                    output = step(trainer=self, state=state, model=model, batch=batch)
+                else:
+                    with self._autocast():
+                        output = step(trainer=self, state=state, model=model, batch=batch)
                 if not isinstance(output, StepOutput):
                     raise StepError(
                         f"eval_step returned {type(output).__name__}; it must return a StepOutput"

@@ -1,0 +1,66 @@
+"""Mixed precision on CPU (bf16) and its errors; fp16 with a GradScaler needs CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dltrain
+from dltrain import hookimpl
+from dltrain.testing import tiny_loader, tiny_model
+
+
+def test_bf16_autocast_runs_the_step_in_bfloat16_and_learns() -> None:
+    dtypes: list[torch.dtype] = []
+
+    class Probe:
+        @hookimpl
+        def on_train_batch_end(self, output: dltrain.StepOutput) -> None:
+            dtypes.append(output.outputs.dtype)
+
+    model = tiny_model()
+    history = dltrain.Trainer(
+        max_epochs=8, precision="bf16-mixed", device="cpu", progress="off", run_dir=None, plugins=[Probe()]
+    ).fit(model, tiny_loader(samples=256), optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+          loss_fn=torch.nn.CrossEntropyLoss())
+    assert set(dtypes) == {torch.bfloat16}
+    assert next(model.parameters()).dtype == torch.float32  # weights stay float32
+    assert history["train_accuracy"][-1] > 0.85
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternative() -> None:
+    model = tiny_model()
+    trainer = dltrain.Trainer(precision="16-mixed", device="cpu", progress="off", run_dir=None)
+    with pytest.raises(dltrain.DltrainError, match="'16-mixed' needs a CUDA device.*use precision='bf16-mixed'"):
+        trainer.fit(model, tiny_loader(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    loss_fn=torch.nn.CrossEntropyLoss())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_with_grad_scaler_on_cuda() -> None:
+    model = tiny_model()
+    history = dltrain.Trainer(
+        max_epochs=5, precision="16-mixed", device="cuda", gradient_clip_val=1.0, progress="off", run_dir=None
+    ).fit(model, tiny_loader(samples=256), optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+          loss_fn=torch.nn.CrossEntropyLoss())
+    assert history["train_accuracy"][-1] > 0.8
+
+
+def test_compile_wraps_the_model_with_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: list[torch.nn.Module] = []
+
+    def fake_compile(model: torch.nn.Module) -> torch.nn.Module:
+        # Compiling for real takes minutes on 2 CPU cores; the wiring is what is tested here.
+        compiled.append(model)
+        wrapper = torch.nn.Module()
+        wrapper._orig_mod = model  # what torch.compile's OptimizedModule exposes
+        wrapper.forward = model.forward  # type: ignore[method-assign]
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = tiny_model()
+    trainer = dltrain.Trainer(compile=True, device="cpu", progress="off", run_dir=None)
+    trainer.fit(model, tiny_loader(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                loss_fn=torch.nn.CrossEntropyLoss())
+    assert compiled == [model]
+    assert trainer.model._orig_mod is model
