@@ -235,6 +235,7 @@ class Trainer:
             **state.counters(),
             "stage": self._stage,
             "epoch_rng": self._epoch_rng,
+            "batch_size": getattr(self._train_data, "batch_size", None),
         }
         data_state = getattr(self._train_data, "state_dict", None)
         payload: dict[str, Any] = {
@@ -322,6 +323,7 @@ class Trainer:
         current = {
             "config": self.config.to_json_dict(),
             "world_size": self._require_state().world_size,
+            "batch_size": getattr(self._train_data, "batch_size", None),
             "model": {k: tuple(v.shape) for k, v in _unwrap(self.model).state_dict().items()},
         }
         differences = compare_for_resume(payload, current)
