@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -17,10 +16,12 @@ import torch
 
 from dltrain import _checks
 from dltrain._hooks import Hooks
+from dltrain._nonfinite import NonFiniteGuard
 from dltrain._plugin_manager import PluginManager
+from dltrain._precision import Precision
 from dltrain._rng import get_rng_state, seed_everything, set_rng_state
 from dltrain.config import TrainerConfig
-from dltrain.errors import DltrainError, NonFiniteError, PluginError, StepError
+from dltrain.errors import DltrainError, PluginError, StepError
 from dltrain.state import History, Phase, RunKind, State, StepOutput
 
 __all__ = ["Trainer"]
@@ -112,11 +113,11 @@ class Trainer:
         self._stage = _STAGE_DONE
         self._epoch_rng: dict[str, Any] | None = None
         self._train_data: Any = None
-        self._nonfinite_guard: torch.Tensor | None = None
-        self._guard_window = (0, 0)
+        self._nonfinite = NonFiniteGuard(self.config.on_nonfinite)
+        self._skip_step = False
         self._resume_rng: dict[str, Any] | None = None
         self._autocast: Any = None
-        self._scaler: Any = None
+        self._scaler: Any = None  # set per run from Precision
 
     # ------------------------------------------------------------------ API
 
@@ -353,7 +354,9 @@ class Trainer:
                 state.world_size = torch.distributed.get_world_size()
                 state.rank = torch.distributed.get_rank()
             self._hooks.call("on_setup", trainer=self, state=state)
-            self._setup_precision(state)
+            precision = Precision(self.config.precision, state.device)
+            self._autocast, self._scaler = precision.autocast, precision.scaler
+            self._nonfinite = NonFiniteGuard(self.config.on_nonfinite)
             if self.config.compile and not hasattr(self.model, "_orig_mod"):
                 self.model = torch.compile(self.model)  # type: ignore[assignment]
             yield
@@ -369,23 +372,6 @@ class Trainer:
             raise error from exc
         finally:
             self._hooks.call("on_teardown", trainer=self, state=state)
-
-    def _setup_precision(self, state: State) -> None:
-        precision = self.config.precision
-        self._autocast = None
-        self._scaler = None
-        if precision == "32":
-            return
-        device_type = state.device.type
-        if precision == "16-mixed" and device_type != "cuda":
-            raise DltrainError(
-                f"precision='16-mixed' needs a CUDA device, but the run uses {state.device}; "
-                f"use precision='bf16-mixed' on {device_type}"
-            )
-        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        self._autocast = lambda: torch.autocast(device_type=device_type, dtype=dtype)
-        if precision == "16-mixed":
-            self._scaler = torch.amp.GradScaler(device_type)
 
     def _each_exception_impl(self) -> Iterator[tuple[str, Any]]:
         caller = self.plugin_manager.hook.on_exception
@@ -524,7 +510,9 @@ class Trainer:
                 scaler.scale(scaled).backward()
             if on_after_bw is not None:
                 on_after_bw(trainer=self, state=state)
-            self._guard_nonfinite(state, loss)
+            if self._nonfinite.observe(state, loss):
+                self._skip_step = True
+                output.loss = None  # a skipped batch is left out of the epoch's loss
             if state.micro_step == accum or is_last:
                 self._optimizer_step(state, optimizer, state.micro_step)
             if on_end is not None:
@@ -535,7 +523,7 @@ class Trainer:
             from dltrain.errors import DataError
 
             raise DataError("train_data produced no batches this epoch; check that the dataset is not empty")
-        self._check_nonfinite(state, force=True)
+        self._nonfinite.check(state, _unwrap(model), self.request_stop)
         state.metrics.update(self._compute_metrics(state))
 
     def _as_step_output(self, output: Any, batch: Any) -> StepOutput:
@@ -579,8 +567,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_val)
             else:
                 torch.nn.utils.clip_grad_value_(params, cfg.gradient_clip_val)
-        skip = self._skip_this_step
-        self._skip_this_step = False
+        skip, self._skip_step = self._skip_step, False
         if not skip:
             h.call("on_before_optimizer_step", trainer=self, state=state, optimizer=optimizer)
             if scaler is None:
@@ -597,45 +584,7 @@ class Trainer:
         if self.scheduler is not None and cfg.scheduler_interval == "step" and not skip:
             self.scheduler.step()
         if state.global_step % cfg.log_every_n_steps == 0:
-            self._check_nonfinite(state)
-
-    # -- non-finite losses: checked without a host sync per step (see docs)
-
-    _skip_this_step = False
-
-    def _guard_nonfinite(self, state: State, loss: torch.Tensor) -> None:
-        policy = self.config.on_nonfinite
-        if policy == "skip":
-            if not bool(torch.isfinite(loss.detach())):
-                self._skip_this_step = True
-            return
-        guard = self._nonfinite_guard
-        if guard is None or guard.device != loss.device:
-            guard = self._nonfinite_guard = torch.zeros((), dtype=torch.float32, device=loss.device)
-            self._guard_window = (state.global_step, state.epoch)
-        guard.add_(loss.detach().float())
-
-    def _check_nonfinite(self, state: State, *, force: bool = False) -> None:
-        guard = self._nonfinite_guard
-        if guard is None or self.config.on_nonfinite == "skip":
-            return
-        value = float(guard)
-        since, epoch = self._guard_window
-        guard.zero_()
-        self._guard_window = (state.global_step, state.epoch)
-        if math.isfinite(value):
-            return
-        where = f"between optimizer steps {since} and {state.global_step} (epoch {epoch + 1}, batch {state.batch_idx})"
-        if self.config.on_nonfinite == "stop":
-            self.request_stop(f"non-finite loss {where}")
-            return
-        bad = [n for n, p in _unwrap(self.model).named_parameters() if not bool(torch.isfinite(p).all())]
-        raise NonFiniteError(
-            f"the loss became {value} {where}"
-            + (f"; non-finite weights now in: {bad[:5]}" if bad else "")
-            + ". Lower the learning rate, clip gradients (gradient_clip_val), check the data for NaN, "
-            "or set on_nonfinite='skip' or 'stop'. Set log_every_n_steps=1 to stop at the exact step."
-        )
+            self._nonfinite.check(state, _unwrap(self.model), self.request_stop)
 
     def _step_scheduler_epoch(self, state: State) -> None:
         sched = self.scheduler
