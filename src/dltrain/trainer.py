@@ -16,38 +16,14 @@ import torch
 
 from dltrain import _checks
 from dltrain._hooks import Hooks
-from dltrain._nonfinite import NonFiniteGuard
+from dltrain._loop import Loop, unwrap_model
 from dltrain._plugin_manager import PluginManager
-from dltrain._precision import Precision
-from dltrain._rng import get_rng_state, seed_everything, set_rng_state
+from dltrain._rng import get_rng_state, seed_everything
 from dltrain.config import TrainerConfig
 from dltrain.errors import DltrainError, PluginError, StepError
-from dltrain.state import History, Phase, RunKind, State, StepOutput
+from dltrain.state import History, Phase, RunKind, State
 
 __all__ = ["Trainer"]
-
-_STAGE_TRAIN, _STAGE_VALIDATE, _STAGE_DONE = "train", "validate", "done"
-
-
-def _with_last(iterable: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
-    """Yield ``(item, is_last)``, looking one item ahead."""
-    it = iter(iterable)
-    try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for item in it:
-        yield prev, False
-        prev = item
-    yield prev, True
-
-
-def _set_epoch(data: Any, epoch: int) -> None:
-    for obj in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
-        set_epoch = getattr(obj, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-            return
 
 
 def _versions() -> dict[str, str]:
@@ -110,14 +86,8 @@ class Trainer:
         self.scheduler: Any = None
         self.loss_fn: Any = None
         self._hooks = Hooks(self.plugin_manager)
-        self._stage = _STAGE_DONE
-        self._epoch_rng: dict[str, Any] | None = None
+        self._loop: Loop | None = None  # the current run's mechanics
         self._train_data: Any = None
-        self._nonfinite = NonFiniteGuard(self.config.on_nonfinite)
-        self._skip_step = False
-        self._resume_rng: dict[str, Any] | None = None
-        self._autocast: Any = None
-        self._scaler: Any = None  # set per run from Precision
 
     # ------------------------------------------------------------------ API
 
@@ -182,7 +152,7 @@ class Trainer:
             if resume is not None:
                 self._resume(resume, strict=resume_strict)
             self._hooks.call("on_fit_start", trainer=self, state=state)
-            self._fit_loop(state, train_data, val_data)
+            self._require_loop().fit(train_data, val_data)
             self._hooks.call("on_fit_end", trainer=self, state=state)
         return self.history
 
@@ -232,19 +202,15 @@ class Trainer:
         ``torch.load(weights_only=True)``.
         """
         state = self._require_state()
-        loop: dict[str, Any] = {
-            **state.counters(),
-            "stage": self._stage,
-            "epoch_rng": self._epoch_rng,
-            "batch_size": getattr(self._train_data, "batch_size", None),
-        }
+        run = self._require_loop()
+        loop = {**run.state_dict(), "batch_size": getattr(self._train_data, "batch_size", None)}
         data_state = getattr(self._train_data, "state_dict", None)
         payload: dict[str, Any] = {
             "format": 1,
-            "model": _unwrap(self.model).state_dict(),
+            "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "loop": loop,
             "data": data_state() if callable(data_state) else None,
             "rng": get_rng_state(),
@@ -261,28 +227,23 @@ class Trainer:
         if state.micro_step:  # mid accumulation group: the partial gradients are state too
             payload["grads"] = {
                 name: p.grad.detach().clone()
-                for name, p in _unwrap(self.model).named_parameters()
+                for name, p in unwrap_model(self.model).named_parameters()
                 if p.grad is not None
             }
         return payload
 
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
         """Restore a payload made by :meth:`state_dict` into the current run."""
-        state = self._require_state()
-        model = _unwrap(self.model)
+        run = self._require_loop()
+        model = unwrap_model(self.model)
         model.load_state_dict(payload["model"])
         if self.optimizer is not None and payload.get("optimizer") is not None:
             self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload.get("scheduler") is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
-        if self._scaler is not None and payload.get("scaler") is not None:
-            self._scaler.load_state_dict(payload["scaler"])
-        loop = payload["loop"]
-        state.epoch, state.global_step = int(loop["epoch"]), int(loop["global_step"])
-        state.batch_idx, state.micro_step = int(loop["batch_idx"]), int(loop["micro_step"])
-        state.skipped_steps = int(loop.get("skipped_steps", 0))
-        self._stage = loop["stage"]
-        self._epoch_rng = loop["epoch_rng"]
+        if run.scaler is not None and payload.get("scaler") is not None:
+            run.scaler.load_state_dict(payload["scaler"])
+        run.load_state_dict(payload["loop"], payload["rng"])
         data_load = getattr(self._train_data, "load_state_dict", None)
         if payload.get("data") is not None and callable(data_load):
             data_load(payload["data"])
@@ -294,13 +255,17 @@ class Trainer:
         for name, impl in self._state_loaders():
             if name in saved_plugins:
                 impl(trainer=self, state_dict=saved_plugins[name])
-        self._resume_rng = payload["rng"]
 
     # -------------------------------------------------------------- internals
 
     def _prepare(self, state: State, data: Any, phase: Phase) -> Any:
         replaced = self._hooks.call_first("prepare_data", trainer=self, state=state, data=data, phase=phase)
         return data if replaced is None else replaced
+
+    def _require_loop(self) -> Loop:
+        if self._loop is None:
+            raise DltrainError("no run in progress: state_dict/load_state_dict work during fit (from hooks)")
+        return self._loop
 
     def _require_state(self) -> State:
         if self.state is None:
@@ -325,7 +290,7 @@ class Trainer:
             "config": self.config.to_json_dict(),
             "world_size": self._require_state().world_size,
             "batch_size": getattr(self._train_data, "batch_size", None),
-            "model": {k: tuple(v.shape) for k, v in _unwrap(self.model).state_dict().items()},
+            "model": {k: tuple(v.shape) for k, v in unwrap_model(self.model).state_dict().items()},
         }
         differences = compare_for_resume(payload, current)
         if differences:
@@ -344,7 +309,7 @@ class Trainer:
     def _run(self, state: State) -> Iterator[None]:
         """Setup, exception reporting and teardown shared by every entry point."""
         self._hooks.refresh()
-        self._resume_rng = None
+        self._loop = None
         try:
             if self.config.seed is not None:
                 seed_everything(self.config.seed)
@@ -354,9 +319,7 @@ class Trainer:
                 state.world_size = torch.distributed.get_world_size()
                 state.rank = torch.distributed.get_rank()
             self._hooks.call("on_setup", trainer=self, state=state)
-            precision = Precision(self.config.precision, state.device)
-            self._autocast, self._scaler = precision.autocast, precision.scaler
-            self._nonfinite = NonFiniteGuard(self.config.on_nonfinite)
+            self._loop = Loop(self, state)
             if self.config.compile and not hasattr(self.model, "_orig_mod"):
                 self.model = torch.compile(self.model)  # type: ignore[assignment]
             yield
@@ -397,274 +360,6 @@ class Trainer:
         _add_note(exc, f"dltrain: raised {origin} at {where}")
         return exc
 
-    # ------------------------------------------------------------ the loops
-
-    def _fit_loop(self, state: State, train_data: Iterable[Any], val_data: Iterable[Any] | None) -> None:
-        cfg = self.config
-        resuming_stage = self._stage if self._resume_rng is not None else None
-        if resuming_stage == _STAGE_DONE:
-            state.epoch += 1
-            state.batch_idx = 0
-        while not self._should_stop(state):
-            validate_now = val_data is not None and self._validates(state.epoch)
-            if resuming_stage != _STAGE_VALIDATE:
-                self._train_epoch(state, train_data, resuming=resuming_stage == _STAGE_TRAIN)
-                # A stop requested mid-epoch (interrupt, preemption) ends now, without validation.
-                validate_now = validate_now and not state.stop_requested
-                if not validate_now:
-                    self._step_scheduler_epoch(state)
-                    self._stage = _STAGE_DONE
-                else:
-                    self._stage = _STAGE_VALIDATE
-                self._hooks.call("on_train_epoch_end", trainer=self, state=state, metrics=dict(state.metrics))
-            elif self._resume_rng is not None:
-                set_rng_state(self._resume_rng)
-                self._resume_rng = None
-            resuming_stage = None
-            if validate_now and val_data is not None:
-                metrics = self._eval_epoch(state, Phase.VALIDATE, val_data, cfg.limit_val_batches)
-                self._step_scheduler_epoch(state)
-                self._stage = _STAGE_DONE
-                self._hooks.call("on_eval_epoch_end", trainer=self, state=state, metrics=metrics)
-            self.history.append({"epoch": state.epoch + 1, **state.metrics})
-            if self._step_limit_reached(state) or state.stop_requested:
-                break
-            state.epoch += 1
-            state.batch_idx = 0
-        if state.stop_reason is None:
-            state.stop_reason = (
-                "max_steps reached" if self._step_limit_reached(state) else "max_epochs reached"
-            )
-
-    def _validates(self, epoch: int) -> bool:
-        cfg = self.config
-        last = cfg.max_epochs is not None and epoch + 1 >= cfg.max_epochs
-        return (epoch + 1) % cfg.val_every_n_epochs == 0 or last
-
-    def _step_limit_reached(self, state: State) -> bool:
-        return self.config.max_steps is not None and state.global_step >= self.config.max_steps
-
-    def _should_stop(self, state: State) -> bool:
-        cfg = self.config
-        if cfg.max_epochs is not None and state.epoch >= cfg.max_epochs:
-            return True
-        return self._step_limit_reached(state) or state.stop_requested
-
-    def _train_epoch(self, state: State, data: Iterable[Any], *, resuming: bool) -> None:
-        cfg, h = self.config, self._hooks
-        model, optimizer = self.model, self.optimizer
-        assert optimizer is not None
-        state.phase = Phase.TRAIN
-        if not resuming:
-            state.metrics = {}
-        model.train()
-        skip = 0
-        if resuming and self._epoch_rng is not None:
-            set_rng_state(self._epoch_rng)  # replay the epoch's data order
-            skip = state.batch_idx + 1
-        else:
-            state.micro_step = 0
-            optimizer.zero_grad(set_to_none=True)
-            self._epoch_rng = get_rng_state()
-        _set_epoch(data, state.epoch)
-        batches = iter(data)
-        for _ in range(skip):
-            next(batches, None)
-        if resuming and self._resume_rng is not None:
-            set_rng_state(self._resume_rng)
-            self._resume_rng = None
-        start = skip
-        state.batch_idx = start
-        h.call("on_train_epoch_start", trainer=self, state=state)
-        self._stage = _STAGE_TRAIN
-        accum, limit = cfg.accumulate_grad_batches, cfg.limit_train_batches
-        if limit is not None:
-            batches = (b for i, b in zip(range(start, limit), batches, strict=False))
-        on_start, on_end = h.get("on_train_batch_start"), h.get("on_train_batch_end")
-        on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
-        step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
-        device, autocast, scaler = state.device, self._autocast, self._scaler
-        seen = 0
-        for batch_idx, (batch, is_last) in enumerate(_with_last(batches), start):
-            seen += 1
-            state.batch_idx = batch_idx
-            if transfer is not None:
-                batch = transfer(trainer=self, state=state, batch=batch, device=device)
-            if on_start is not None:
-                on_start(trainer=self, state=state, batch=batch)
-            if autocast is None:
-                output = step_hook(trainer=self, state=state, model=model, batch=batch)
-            else:
-                with autocast():
-                    output = step_hook(trainer=self, state=state, model=model, batch=batch)
-            output = self._as_step_output(output, batch)
-            loss = output.loss
-            assert loss is not None
-            state.micro_step += 1
-            scaled = loss / accum if accum > 1 else loss
-            if on_before_bw is not None:
-                on_before_bw(trainer=self, state=state, loss=scaled)
-            if scaler is None:
-                scaled.backward()  # type: ignore[no-untyped-call]
-            else:
-                scaler.scale(scaled).backward()
-            if on_after_bw is not None:
-                on_after_bw(trainer=self, state=state)
-            if self._nonfinite.observe(state, loss):
-                self._skip_step = True
-                output.loss = None  # a skipped batch is left out of the epoch's loss
-            if state.micro_step == accum or is_last:
-                self._optimizer_step(state, optimizer, state.micro_step)
-            if on_end is not None:
-                on_end(trainer=self, state=state, batch=batch, output=output)
-            if state.micro_step == 0 and (self._step_limit_reached(state) or state.stop_requested):
-                break
-        if seen == 0 and not resuming:
-            from dltrain.errors import DataError
-
-            raise DataError("train_data produced no batches this epoch; check that the dataset is not empty")
-        self._nonfinite.check(state, _unwrap(model), self.request_stop)
-        state.metrics.update(self._compute_metrics(state))
-
-    def _as_step_output(self, output: Any, batch: Any) -> StepOutput:
-        result: StepOutput
-        if isinstance(output, StepOutput) and output.loss is not None:
-            result = output
-        elif isinstance(output, torch.Tensor):
-            from dltrain.default_plugins.step import batch_size_of
-
-            result = StepOutput(output, None, None, batch_size_of(batch))
-        else:
-            raise StepError(
-                f"training_step returned {type(output).__name__}; it must return a StepOutput with a loss "
-                f"or a scalar loss tensor"
-            )
-        loss = result.loss
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise StepError(
-                f"the loss must be a scalar tensor, got shape {shape}; reduce it (loss_fn(..., reduction='mean') "
-                f"or .mean())"
-            )
-        if not loss.requires_grad:
-            raise StepError(
-                "the loss does not require grad, so backward cannot run: is the model's output detached, "
-                "or were all its parameters frozen?"
-            )
-        return result
-
-    def _optimizer_step(self, state: State, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
-        cfg, h = self.config, self._hooks
-        accum = cfg.accumulate_grad_batches
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        scaler = self._scaler
-        if scaler is not None:  # clip and rescale true gradients, not scaled ones
-            scaler.unscale_(optimizer)
-        if micro_steps != accum and params:  # a last, partial group: undo the 1/accum scaling
-            torch._foreach_mul_([p.grad for p in params], accum / micro_steps)
-        if cfg.gradient_clip_val is not None and params:
-            if cfg.gradient_clip_algorithm == "norm":
-                torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_value_(params, cfg.gradient_clip_val)
-        skip, self._skip_step = self._skip_step, False
-        if not skip:
-            h.call("on_before_optimizer_step", trainer=self, state=state, optimizer=optimizer)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-        else:
-            state.skipped_steps += 1
-        if scaler is not None:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.micro_step = 0
-        state.global_step += 1
-        if self.scheduler is not None and cfg.scheduler_interval == "step" and not skip:
-            self.scheduler.step()
-        if state.global_step % cfg.log_every_n_steps == 0:
-            self._nonfinite.check(state, _unwrap(self.model), self.request_stop)
-
-    def _step_scheduler_epoch(self, state: State) -> None:
-        sched = self.scheduler
-        if sched is None or self.config.scheduler_interval != "epoch":
-            return
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            key = self.config.scheduler_monitor
-            if key not in state.metrics:
-                raise DltrainError(
-                    f"ReduceLROnPlateau monitors {key!r}, but this epoch's metrics are {sorted(state.metrics)}; "
-                    f"set scheduler_monitor to one of them (or pass val_data for 'val_loss')"
-                )
-            sched.step(state.metrics[key])
-        else:
-            sched.step()
-
-    def _compute_metrics(self, state: State) -> dict[str, float]:
-        prefix = state.phase.metric_prefix
-        merged: dict[str, Any] = {}
-        owner: dict[str, str] = {}
-        for plugin, result in self.plugin_manager.call_each("compute_metrics", trainer=self, state=state):
-            for key, value in (result or {}).items():
-                name = f"{prefix}_{key}"
-                if name in merged:
-                    raise PluginError(
-                        f"metric {name!r} is reported by two plugins, {owner[name]!r} and {plugin!r}; "
-                        f"rename one of them or disable one plugin"
-                    )
-                merged[name], owner[name] = value, plugin
-        tensors = {k: v for k, v in merged.items() if isinstance(v, torch.Tensor)}
-        if tensors:  # one device sync for all of them
-            values = torch.stack([t.detach().reshape(()).to(torch.float64).cpu() for t in tensors.values()])
-            merged.update(zip(tensors, values.tolist(), strict=True))
-        return {k: float(v) for k, v in merged.items()}
-
-    def _eval_epoch(
-        self,
-        state: State,
-        phase: Phase,
-        data: Iterable[Any],
-        limit: int | None,
-        collect: list[Any] | None = None,
-    ) -> dict[str, float]:
-        h, model = self._hooks, self.model
-        previous_phase, previous_batch = state.phase, state.batch_idx
-        state.phase = phase
-        was_training = model.training
-        model.eval()
-        state.batch_idx = 0
-        h.call("on_eval_epoch_start", trainer=self, state=state)
-        transfer, step = h.get("transfer_batch"), h.get("eval_step")
-        on_start, on_end = h.get("on_eval_batch_start"), h.get("on_eval_batch_end")
-        with torch.inference_mode():
-            for batch_idx, batch in enumerate(data):
-                if limit is not None and batch_idx >= limit:
-                    break
-                state.batch_idx = batch_idx
-                if transfer is not None:
-                    batch = transfer(trainer=self, state=state, batch=batch, device=state.device)
-                if on_start is not None:
-                    on_start(trainer=self, state=state, batch=batch)
-                if self._autocast is None:
-                    output = step(trainer=self, state=state, model=model, batch=batch)
-                else:
-                    with self._autocast():
-                        output = step(trainer=self, state=state, model=model, batch=batch)
-                if not isinstance(output, StepOutput):
-                    raise StepError(
-                        f"eval_step returned {type(output).__name__}; it must return a StepOutput"
-                    )
-                if collect is not None:
-                    collect.append(output.outputs)
-                if on_end is not None:
-                    on_end(trainer=self, state=state, batch=batch, output=output)
-        metrics = self._compute_metrics(state) if phase is not Phase.PREDICT else {}
-        state.metrics.update(metrics)
-        model.train(was_training)
-        state.batch_idx = previous_batch if previous_phase is Phase.TRAIN else state.batch_idx
-        return metrics
-
     def _evaluate(
         self,
         run: RunKind,
@@ -683,17 +378,10 @@ class Trainer:
         with self._run(state):
             data = self._prepare(state, data, phase)
             self._hooks.call(f"on_{name}_start", trainer=self, state=state)
-            metrics = self._eval_epoch(state, phase, data, self.config.limit_val_batches, collect)
+            metrics = self._require_loop().eval_epoch(phase, data, collect)
             self._hooks.call("on_eval_epoch_end", trainer=self, state=state, metrics=metrics)
             self._hooks.call(f"on_{name}_end", trainer=self, state=state)
         return metrics
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP / compile wrappers."""
-    inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner) if type(inner).__name__ in ("DistributedDataParallel",) else inner
-    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def _add_note(exc: BaseException, note: str) -> None:

@@ -1,0 +1,367 @@
+"""The mechanics of one run: epochs, steps, accumulation, precision, the non-finite policy.
+
+A :class:`Loop` is made by the Trainer for each run, after the device is
+chosen and the model prepared, and holds the run's private mechanics; the
+public :class:`~dltrain.State` holds what plugins may read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dltrain._nonfinite import NonFiniteGuard
+from dltrain._precision import Precision
+from dltrain._rng import get_rng_state, set_rng_state
+from dltrain.errors import DataError, DltrainError, PluginError, StepError
+from dltrain.state import Phase, State, StepOutput
+
+if TYPE_CHECKING:
+    from dltrain.trainer import Trainer
+
+__all__ = ["Loop", "unwrap_model"]
+
+# Where a fit stands, saved in checkpoints: inside a training epoch, between
+# an epoch's training and its validation, or with the epoch complete.
+STAGE_TRAIN, STAGE_VALIDATE, STAGE_DONE = "train", "validate", "done"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside ``torch.compile`` and DistributedDataParallel wrappers."""
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        inner = inner.module
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def _with_last(iterable: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(item, is_last)``, looking one item ahead."""
+    it = iter(iterable)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def _set_epoch(data: Any, epoch: int) -> None:
+    """Call ``set_epoch`` on the data, its sampler or batch sampler (the first that has it)."""
+    for obj in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
+        set_epoch = getattr(obj, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+            return
+
+
+class Loop:
+    """One run's loop. The Trainer calls :meth:`fit` or :meth:`eval_epoch`."""
+
+    def __init__(self, trainer: Trainer, state: State) -> None:
+        self.trainer = trainer
+        self.state = state
+        self.config = trainer.config
+        self.hooks = trainer._hooks
+        precision = Precision(self.config.precision, state.device)
+        self.autocast, self.scaler = precision.autocast, precision.scaler
+        self.nonfinite = NonFiniteGuard(self.config.on_nonfinite)
+        self.stage = STAGE_DONE
+        self.epoch_rng: dict[str, Any] | None = None  # RNG before iter(data): replays the data order
+        self.resume_rng: dict[str, Any] | None = None  # RNG to restore once the data is replayed
+        self.skip_step = False
+
+    # -- resume ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's position: counters, stage and the RNG that replays this epoch's data."""
+        return {**self.state.counters(), "stage": self.stage, "epoch_rng": self.epoch_rng}
+
+    def load_state_dict(self, loop: dict[str, Any], rng: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict` (``rng`` is the RNG at saving)."""
+        state = self.state
+        state.epoch, state.global_step = int(loop["epoch"]), int(loop["global_step"])
+        state.batch_idx, state.micro_step = int(loop["batch_idx"]), int(loop["micro_step"])
+        state.skipped_steps = int(loop.get("skipped_steps", 0))
+        self.stage, self.epoch_rng, self.resume_rng = loop["stage"], loop["epoch_rng"], rng
+
+    # -- fit ------------------------------------------------------------------
+
+    def fit(self, train_data: Iterable[Any], val_data: Iterable[Any] | None) -> None:
+        """Run epochs until a limit or a stop; see the order in :mod:`dltrain.hookspecs`."""
+        state, trainer = self.state, self.trainer
+        resuming = self.stage if self.resume_rng is not None else None
+        if resuming == STAGE_DONE:
+            state.epoch += 1
+            state.batch_idx = 0
+        while not self._should_stop():
+            validate_now = val_data is not None and self._validates(state.epoch)
+            if resuming != STAGE_VALIDATE:
+                self.train_epoch(train_data, resuming=resuming == STAGE_TRAIN)
+                # A stop requested mid-epoch (interrupt, preemption) ends now, without validation.
+                validate_now = validate_now and not state.stop_requested
+                if not validate_now:
+                    self._step_scheduler_epoch()
+                self.stage = STAGE_VALIDATE if validate_now else STAGE_DONE
+                self.hooks.call(
+                    "on_train_epoch_end", trainer=trainer, state=state, metrics=dict(state.metrics)
+                )
+            elif self.resume_rng is not None:
+                set_rng_state(self.resume_rng)
+                self.resume_rng = None
+            resuming = None
+            if validate_now and val_data is not None:
+                metrics = self.eval_epoch(Phase.VALIDATE, val_data)
+                self._step_scheduler_epoch()
+                self.stage = STAGE_DONE
+                self.hooks.call("on_eval_epoch_end", trainer=trainer, state=state, metrics=metrics)
+            trainer.history.append({"epoch": state.epoch + 1, **state.metrics})
+            if self._step_limit_reached() or state.stop_requested:
+                break
+            state.epoch += 1
+            state.batch_idx = 0
+        if state.stop_reason is None:
+            state.stop_reason = "max_steps reached" if self._step_limit_reached() else "max_epochs reached"
+
+    def _validates(self, epoch: int) -> bool:
+        cfg = self.config
+        last = cfg.max_epochs is not None and epoch + 1 >= cfg.max_epochs
+        return (epoch + 1) % cfg.val_every_n_epochs == 0 or last
+
+    def _step_limit_reached(self) -> bool:
+        return self.config.max_steps is not None and self.state.global_step >= self.config.max_steps
+
+    def _should_stop(self) -> bool:
+        cfg, state = self.config, self.state
+        if cfg.max_epochs is not None and state.epoch >= cfg.max_epochs:
+            return True
+        return self._step_limit_reached() or state.stop_requested
+
+    def _start_batches(self, data: Iterable[Any], resuming: bool) -> tuple[Iterator[Any], int]:
+        """An iterator over this epoch's batches, replayed past those done when resuming."""
+        state = self.state
+        skip = 0
+        if resuming and self.epoch_rng is not None:
+            set_rng_state(self.epoch_rng)  # the same RNG gives the same shuffle
+            skip = state.batch_idx + 1
+        else:
+            self.epoch_rng = get_rng_state()
+        _set_epoch(data, state.epoch)
+        batches = iter(data)
+        for _ in range(skip):
+            next(batches, None)
+        if self.resume_rng is not None:
+            set_rng_state(self.resume_rng)
+            self.resume_rng = None
+        limit = self.config.limit_train_batches
+        if limit is not None:
+            batches = (b for _, b in zip(range(skip, limit), batches, strict=False))
+        return batches, skip
+
+    def train_epoch(self, data: Iterable[Any], *, resuming: bool) -> None:
+        """One training epoch (the rest of one, when resuming), then its metrics."""
+        cfg, h, state, trainer = self.config, self.hooks, self.state, self.trainer
+        model, optimizer = trainer.model, trainer.optimizer
+        assert optimizer is not None
+        state.phase = Phase.TRAIN
+        if not resuming:
+            state.metrics = {}
+            state.micro_step = 0
+            optimizer.zero_grad(set_to_none=True)
+        model.train()
+        batches, start = self._start_batches(data, resuming)
+        state.batch_idx = start
+        h.call("on_train_epoch_start", trainer=trainer, state=state)
+        self.stage = STAGE_TRAIN
+        accum = cfg.accumulate_grad_batches
+        on_start, on_end = h.get("on_train_batch_start"), h.get("on_train_batch_end")
+        on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
+        step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
+        device, autocast, scaler = state.device, self.autocast, self.scaler
+        seen = 0
+        for batch_idx, (batch, is_last) in enumerate(_with_last(batches), start):
+            seen += 1
+            state.batch_idx = batch_idx
+            if transfer is not None:
+                batch = transfer(trainer=trainer, state=state, batch=batch, device=device)
+            if on_start is not None:
+                on_start(trainer=trainer, state=state, batch=batch)
+            if autocast is None:
+                raw = step_hook(trainer=trainer, state=state, model=model, batch=batch)
+            else:
+                with autocast():
+                    raw = step_hook(trainer=trainer, state=state, model=model, batch=batch)
+            output = _as_step_output(raw, batch)
+            loss = output.loss
+            assert loss is not None
+            state.micro_step += 1
+            scaled = loss / accum if accum > 1 else loss
+            if on_before_bw is not None:
+                on_before_bw(trainer=trainer, state=state, loss=scaled)
+            if scaler is None:
+                scaled.backward()  # type: ignore[no-untyped-call]
+            else:
+                scaler.scale(scaled).backward()
+            if on_after_bw is not None:
+                on_after_bw(trainer=trainer, state=state)
+            if self.nonfinite.observe(state, loss):
+                self.skip_step = True
+                output.loss = None  # a skipped batch is left out of the epoch's loss
+            if state.micro_step == accum or is_last:
+                self._optimizer_step(optimizer, state.micro_step)
+            if on_end is not None:
+                on_end(trainer=trainer, state=state, batch=batch, output=output)
+            if state.micro_step == 0 and (self._step_limit_reached() or state.stop_requested):
+                break
+        if seen == 0 and not resuming:
+            raise DataError("train_data produced no batches this epoch; check that the dataset is not empty")
+        self.nonfinite.check(state, unwrap_model(model), trainer.request_stop)
+        state.metrics.update(self.compute_metrics())
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
+        cfg, state, trainer = self.config, self.state, self.trainer
+        accum = cfg.accumulate_grad_batches
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scaler = self.scaler
+        if scaler is not None:  # clip and rescale true gradients, not scaled ones
+            scaler.unscale_(optimizer)
+        if micro_steps != accum and params:  # a last, partial group: undo the 1/accum scaling
+            torch._foreach_mul_([p.grad for p in params], accum / micro_steps)
+        if cfg.gradient_clip_val is not None and params:
+            if cfg.gradient_clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(params, cfg.gradient_clip_val)
+        skip, self.skip_step = self.skip_step, False
+        if skip:
+            state.skipped_steps += 1
+        else:
+            self.hooks.call("on_before_optimizer_step", trainer=trainer, state=state, optimizer=optimizer)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+        if scaler is not None:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.micro_step = 0
+        state.global_step += 1
+        if trainer.scheduler is not None and cfg.scheduler_interval == "step" and not skip:
+            trainer.scheduler.step()
+        if state.global_step % cfg.log_every_n_steps == 0:
+            self.nonfinite.check(state, unwrap_model(trainer.model), trainer.request_stop)
+
+    def _step_scheduler_epoch(self) -> None:
+        sched, state = self.trainer.scheduler, self.state
+        if sched is None or self.config.scheduler_interval != "epoch":
+            return
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            key = self.config.scheduler_monitor
+            if key not in state.metrics:
+                raise DltrainError(
+                    f"ReduceLROnPlateau monitors {key!r}, but this epoch's metrics are {sorted(state.metrics)}; "
+                    f"set scheduler_monitor to one of them (or pass val_data for 'val_loss')"
+                )
+            sched.step(state.metrics[key])
+        else:
+            sched.step()
+
+    # -- evaluation -----------------------------------------------------------
+
+    def eval_epoch(
+        self, phase: Phase, data: Iterable[Any], collect: list[Any] | None = None
+    ) -> dict[str, float]:
+        """One pass over ``data`` in eval mode under ``inference_mode``; returns its metrics."""
+        h, state, trainer = self.hooks, self.state, self.trainer
+        model, limit = trainer.model, self.config.limit_val_batches
+        previous_phase, previous_batch = state.phase, state.batch_idx
+        state.phase = phase
+        was_training = model.training
+        model.eval()
+        state.batch_idx = 0
+        h.call("on_eval_epoch_start", trainer=trainer, state=state)
+        transfer, step = h.get("transfer_batch"), h.get("eval_step")
+        on_start, on_end = h.get("on_eval_batch_start"), h.get("on_eval_batch_end")
+        autocast = self.autocast
+        with torch.inference_mode():
+            for batch_idx, batch in enumerate(data):
+                if limit is not None and batch_idx >= limit:
+                    break
+                state.batch_idx = batch_idx
+                if transfer is not None:
+                    batch = transfer(trainer=trainer, state=state, batch=batch, device=state.device)
+                if on_start is not None:
+                    on_start(trainer=trainer, state=state, batch=batch)
+                if autocast is None:
+                    output = step(trainer=trainer, state=state, model=model, batch=batch)
+                else:
+                    with autocast():
+                        output = step(trainer=trainer, state=state, model=model, batch=batch)
+                if not isinstance(output, StepOutput):
+                    raise StepError(
+                        f"eval_step returned {type(output).__name__}; it must return a StepOutput"
+                    )
+                if collect is not None:
+                    collect.append(output.outputs)
+                if on_end is not None:
+                    on_end(trainer=trainer, state=state, batch=batch, output=output)
+        metrics = self.compute_metrics() if phase is not Phase.PREDICT else {}
+        state.metrics.update(metrics)
+        model.train(was_training)
+        if previous_phase is Phase.TRAIN:
+            state.batch_idx = previous_batch
+        return metrics
+
+    def compute_metrics(self) -> dict[str, float]:
+        """Merge every plugin's ``compute_metrics``, prefixed by phase, as floats (one sync)."""
+        state = self.state
+        prefix = state.phase.metric_prefix
+        merged: dict[str, Any] = {}
+        owner: dict[str, str] = {}
+        manager = self.trainer.plugin_manager
+        for plugin, result in manager.call_each("compute_metrics", trainer=self.trainer, state=state):
+            for key, value in (result or {}).items():
+                name = f"{prefix}_{key}"
+                if name in merged:
+                    raise PluginError(
+                        f"metric {name!r} is reported by two plugins, {owner[name]!r} and {plugin!r}; "
+                        f"rename one of them or disable one plugin"
+                    )
+                merged[name], owner[name] = value, plugin
+        tensors = {k: v for k, v in merged.items() if isinstance(v, torch.Tensor)}
+        if tensors:  # one device sync for all of them
+            values = torch.stack([t.detach().reshape(()).to(torch.float64).cpu() for t in tensors.values()])
+            merged.update(zip(tensors, values.tolist(), strict=True))
+        return {k: float(v) for k, v in merged.items()}
+
+
+def _as_step_output(output: Any, batch: Any) -> StepOutput:
+    """Check what ``training_step`` returned and wrap a bare loss tensor."""
+    result: StepOutput
+    if isinstance(output, StepOutput) and output.loss is not None:
+        result = output
+    elif isinstance(output, torch.Tensor):
+        from dltrain.default_plugins.step import batch_size_of
+
+        result = StepOutput(output, None, None, batch_size_of(batch))
+    else:
+        raise StepError(
+            f"training_step returned {type(output).__name__}; it must return a StepOutput with a loss "
+            f"or a scalar loss tensor"
+        )
+    loss = result.loss
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise StepError(
+            f"the loss must be a scalar tensor, got shape {shape}; reduce it "
+            f"(loss_fn(..., reduction='mean') or .mean())"
+        )
+    if not loss.requires_grad:
+        raise StepError(
+            "the loss does not require grad, so backward cannot run: is the model's output detached, "
+            "or were all its parameters frozen?"
+        )
+    return result
