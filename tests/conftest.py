@@ -19,6 +19,13 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Core tests see only the plugins they register: installed distributions
+    (tests of their own live in plugins/) are not autoloaded here."""
+    monkeypatch.setenv("DLTRAIN_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
 # --- MNIST example fixtures (tests/test_mnist_example.py) ------------------------
 
 MNIST_DIR_ENV = "DLTRAIN_MNIST_DIR"
@@ -56,3 +63,17 @@ def mnist_fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mnist_fakes import write_fake_mnist
 
     return write_fake_mnist(tmp_path_factory.mktemp("mnist_fake"))
+
+
+# --- installed plugin distributions (progress, metric log, CLI: issue 8) ---------------
+
+
+@pytest.fixture(autouse=True)
+def _no_installed_entry_point_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the core suite as if no plugin distribution were installed.
+
+    Distributions such as dltrain-tensorboard register entry points that every
+    Trainer would load; their own tests (plugins/*/tests) exercise that. Tests
+    that install a fake distribution delete this variable themselves.
+    """
+    monkeypatch.setenv("DLTRAIN_DISABLE_PLUGIN_AUTOLOAD", "1")

@@ -36,17 +36,12 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
-def _with_last(iterable: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
-    """Yield ``(item, is_last)``, looking one item ahead."""
-    it = iter(iterable)
+def _length(data: Any) -> int | None:
+    """``len(data)`` when the data knows it, else None."""
     try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for item in it:
-        yield prev, False
-        prev = item
-    yield prev, True
+        return len(data)
+    except TypeError:
+        return None
 
 
 def _set_epoch(data: Any, epoch: int) -> None:
@@ -97,34 +92,51 @@ class Loop:
         if resuming == STAGE_DONE:
             state.epoch += 1
             state.batch_idx = 0
+        if resuming != STAGE_TRAIN and self.resume_rng is not None:
+            set_rng_state(self.resume_rng)  # mid-epoch, the data replay restores it instead
+            self.resume_rng = None
         while not self._should_stop():
             validate_now = val_data is not None and self._validates(state.epoch)
             if resuming != STAGE_VALIDATE:
-                self.train_epoch(train_data, resuming=resuming == STAGE_TRAIN)
-                # A stop requested mid-epoch (interrupt, preemption) ends now, without validation.
-                validate_now = validate_now and not state.stop_requested
-                if not validate_now:
+                completed = self.train_epoch(train_data, resuming=resuming == STAGE_TRAIN)
+                if not completed:
+                    # Stopped inside the epoch (max_steps, a stop request): the epoch stays in
+                    # progress, so a resume continues it; no validation, no epoch scheduler step.
+                    self._record_epoch()
+                    self.hooks.call(
+                        "on_train_epoch_end", trainer=trainer, state=state, metrics=dict(state.metrics)
+                    )
+                    break
+                if validate_now:
+                    self.stage = STAGE_VALIDATE
+                else:
                     self._step_scheduler_epoch()
-                self.stage = STAGE_VALIDATE if validate_now else STAGE_DONE
+                    self.stage = STAGE_DONE
+                    self._record_epoch()
                 self.hooks.call(
                     "on_train_epoch_end", trainer=trainer, state=state, metrics=dict(state.metrics)
                 )
-            elif self.resume_rng is not None:
-                set_rng_state(self.resume_rng)
-                self.resume_rng = None
             resuming = None
             if validate_now and val_data is not None:
                 metrics = self.eval_epoch(Phase.VALIDATE, val_data)
                 self._step_scheduler_epoch()
                 self.stage = STAGE_DONE
+                self._record_epoch()
                 self.hooks.call("on_eval_epoch_end", trainer=trainer, state=state, metrics=metrics)
-            trainer.history.append({"epoch": state.epoch + 1, **state.metrics})
             if self._step_limit_reached() or state.stop_requested:
                 break
             state.epoch += 1
             state.batch_idx = 0
         if state.stop_reason is None:
             state.stop_reason = "max_steps reached" if self._step_limit_reached() else "max_epochs reached"
+
+    def _record_epoch(self) -> None:
+        """Add this epoch's row to the history, replacing a row kept from a stop inside it."""
+        history, row = self.trainer.history, {"epoch": self.state.epoch + 1, **self.state.metrics}
+        if history.epochs and history.epochs[-1]["epoch"] == row["epoch"]:
+            history.epochs[-1] = row
+        else:
+            history.append(row)
 
     def _validates(self, epoch: int) -> bool:
         cfg = self.config
@@ -150,7 +162,9 @@ class Loop:
         else:
             self.epoch_rng = get_rng_state()
         _set_epoch(data, state.epoch)
-        batches = iter(data)
+        batches: Iterator[Any] = iter(data)
+        # Batches are fetched one at a time, never ahead: then the RNG saved after batch k is
+        # exactly the RNG that fetches batch k+1, and a resume can replay to there.
         for _ in range(skip):
             next(batches, None)
         if self.resume_rng is not None:
@@ -161,8 +175,13 @@ class Loop:
             batches = (b for _, b in zip(range(skip, limit), batches, strict=False))
         return batches, skip
 
-    def train_epoch(self, data: Iterable[Any], *, resuming: bool) -> None:
-        """One training epoch (the rest of one, when resuming), then its metrics."""
+    def train_epoch(self, data: Iterable[Any], *, resuming: bool) -> bool:
+        """One training epoch (the rest of one, when resuming), then its metrics.
+
+        Returns:
+            True when the epoch ran to its end, False when a step limit or a
+            stop request ended it early.
+        """
         cfg, h, state, trainer = self.config, self.hooks, self.state, self.trainer
         model, optimizer = trainer.model, trainer.optimizer
         assert optimizer is not None
@@ -181,8 +200,11 @@ class Loop:
         on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
         step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
         device, autocast, scaler = state.device, self.autocast, self.scaler
-        seen = 0
-        for batch_idx, (batch, is_last) in enumerate(_with_last(batches), start):
+        length, limit = _length(data), cfg.limit_train_batches
+        last_idx = (min(length, limit) if limit is not None else length) if length is not None else limit
+        last_idx = None if last_idx is None else last_idx - 1
+        seen, completed = 0, True
+        for batch_idx, batch in enumerate(batches, start):
             seen += 1
             state.batch_idx = batch_idx
             if transfer is not None:
@@ -210,16 +232,20 @@ class Loop:
             if self.nonfinite.observe(state, loss):
                 self.skip_step = True
                 output.loss = None  # a skipped batch is left out of the epoch's loss
-            if state.micro_step == accum or is_last:
+            if state.micro_step == accum or batch_idx == last_idx:
                 self._optimizer_step(optimizer, state.micro_step)
             if on_end is not None:
                 on_end(trainer=trainer, state=state, batch=batch, output=output)
             if state.micro_step == 0 and (self._step_limit_reached() or state.stop_requested):
+                completed = batch_idx == last_idx
                 break
+        if state.micro_step and completed:  # a last, partial group of data of unknown length
+            self._optimizer_step(optimizer, state.micro_step)
         if seen == 0 and not resuming:
             raise DataError("train_data produced no batches this epoch; check that the dataset is not empty")
         self.nonfinite.check(state, unwrap_model(model), trainer.request_stop)
         state.metrics.update(self.compute_metrics())
+        return completed and not state.stop_requested
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
         cfg, state, trainer = self.config, self.state, self.trainer

@@ -198,6 +198,8 @@ def on_train_epoch_start(trainer: Trainer, state: State) -> None:
     """Called before the first batch of each training epoch (model in train mode).
 
     ``state.epoch`` is the number of epochs completed before this one.
+    ``state.batch_idx`` is the first batch to run: 0, or more when a resumed
+    run continues an epoch from a checkpoint.
     """
 
 

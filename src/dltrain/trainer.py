@@ -20,7 +20,7 @@ from dltrain._loop import Loop, unwrap_model
 from dltrain._plugin_manager import PluginManager
 from dltrain._rng import get_rng_state, seed_everything
 from dltrain.config import TrainerConfig
-from dltrain.errors import DltrainError, PluginError, StepError
+from dltrain.errors import CheckpointError, DltrainError, PluginError, StepError
 from dltrain.state import History, Phase, RunKind, State
 
 __all__ = ["Trainer"]
@@ -31,7 +31,7 @@ def _versions() -> dict[str, str]:
         version = importlib.metadata.version("dltrain")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover
         version = "unknown"
-    return {"dltrain": version, "torch": torch.__version__}
+    return {"dltrain": version, "torch": str(torch.__version__)}
 
 
 class Trainer:
@@ -299,7 +299,7 @@ class Trainer:
                 + "\n  - ".join(differences)
             )
             if strict:
-                raise DltrainError(message + "\nPass resume_strict=False to resume anyway.")
+                raise CheckpointError(message + "\nPass resume_strict=False to resume anyway.")
             import warnings
 
             warnings.warn(message, stacklevel=3)

@@ -15,6 +15,7 @@ import torch
 
 from dltrain._markers import hookimpl
 from dltrain.errors import DltrainError
+from dltrain.state import Phase
 
 if TYPE_CHECKING:
     from dltrain.config import TrainerConfig
@@ -110,9 +111,9 @@ class MetricsPlugin:
     # -- accumulation --------------------------------------------------------
 
     def _start(self, state: State) -> None:
-        if self._resumed:  # continuing an epoch restored from a checkpoint
-            self._resumed = False
-            return
+        resumed, self._resumed = self._resumed, False
+        if resumed and state.phase is Phase.TRAIN and state.batch_idx > 0:
+            return  # continuing an epoch restored from a checkpoint: keep its sums
         self._sums = None
         self._classify = None
         for metric in self._stateful.values():

@@ -1,0 +1,273 @@
+"""Built-in plugin ``checkpoint``: when to save, what to keep.
+
+Registered only when ``TrainerConfig.checkpoint`` is set. It decides *when*
+(the policy below) and hands ``trainer.state_dict()`` to
+:func:`dltrain.checkpoint.save_checkpoint`, which writes it crash-safely and
+applies retention. It uses public hooks only, each as a wrapper
+(``wrapper=True``) so a save happens after every other plugin has seen the
+batch or epoch: the saved plugin states include that batch.
+
+When it saves (on rank 0 only):
+
+* ``every_n_steps``: after a training batch whose optimizer step made
+  ``global_step`` a multiple of N (never between the micro-batches of an
+  accumulation group, and never twice for one step).
+* ``every_n_epochs``: after epoch ``e`` when ``e`` is a multiple of N: after
+  its validation when the Trainer validates that epoch (so ``monitor`` can be
+  a ``val_*`` metric), else right after its training part.
+* ``save_on_fit_end``: when fit ends, unless nothing happened since the last save.
+
+At most one checkpoint per global step is kept: an epoch-end save at the
+step of an earlier step save (the epoch's last batch) replaces it, since it
+holds the same weights plus the epoch's metrics. A model with NaN or
+infinite weights is never saved; a warning says so and the earlier
+checkpoints stay.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Generator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dltrain._markers import hookimpl
+from dltrain.checkpoint import CheckpointInfo, list_checkpoints, next_name, save_checkpoint
+from dltrain.checkpoint._io import finite_or_none
+from dltrain.errors import CheckpointError
+from dltrain.state import Phase, RunKind
+
+if TYPE_CHECKING:
+    from dltrain.config import CheckpointConfig, TrainerConfig
+    from dltrain.state import State
+    from dltrain.trainer import Trainer
+
+__all__ = ["CheckpointPlugin", "make_plugin"]
+
+
+class CheckpointPlugin:
+    """Saves checkpoints during fit by the policy of ``config.checkpoint``.
+
+    Attributes:
+        best: The best checkpoints so far by ``monitor``, best first, as
+            ``{"name", "step", "score"}`` dicts (at most ``keep_best``).
+        last: The newest checkpoint this plugin saved, as ``{"name", "step"}``, or None.
+    """
+
+    name = "checkpoint"
+
+    def __init__(self, config: TrainerConfig) -> None:
+        if config.checkpoint is None:
+            raise CheckpointError(
+                "CheckpointPlugin needs TrainerConfig.checkpoint; set checkpoint={'dir': ...}"
+            )
+        self._cfg: CheckpointConfig = config.checkpoint
+        self._max_epochs = config.max_epochs
+        self._val_every = config.val_every_n_epochs
+        self.best: list[dict[str, Any]] = []
+        self.last: dict[str, Any] | None = None
+        self._reset_run()
+
+    @property
+    def directory(self) -> Path:
+        """Where checkpoints are written."""
+        return self._cfg.dir
+
+    @property
+    def best_path(self) -> Path | None:
+        """The ``.ckpt`` file of the best checkpoint so far, or None."""
+        return self._cfg.dir / f"{self.best[0]['name']}.ckpt" if self.best else None
+
+    @property
+    def last_path(self) -> Path | None:
+        """The ``.ckpt`` file of the newest checkpoint this plugin saved, or None."""
+        return self._cfg.dir / f"{self.last['name']}.ckpt" if self.last else None
+
+    def _reset_run(self) -> None:
+        self._fitting = False
+        self._has_val = False
+        self._seen_step = 0
+        self._dirty = False
+        self._pending_epoch = False
+
+    # -- run bookkeeping ------------------------------------------------------
+
+    @hookimpl
+    def on_setup(self, state: State) -> None:
+        """Start a run: a fresh fit forgets the previous fit's best and last."""
+        self._reset_run()
+        if state.run is RunKind.FIT:
+            self.best, self.last = [], None
+
+    @hookimpl
+    def prepare_data(self, state: State, phase: Phase) -> None:
+        """Note whether this fit has validation data (epoch saves wait for its metrics)."""
+        if state.run is RunKind.FIT and phase is Phase.VALIDATE:
+            self._has_val = True
+
+    @hookimpl
+    def on_fit_start(self, state: State) -> None:
+        """Begin watching the loop; warn when a fresh run shares a directory with older checkpoints."""
+        self._fitting = True
+        self._seen_step = state.global_step
+        if state.global_step == 0 and state.is_global_zero:
+            existing = list_checkpoints(self._cfg.dir)
+            if existing:
+                warnings.warn(
+                    f"checkpoint directory {str(self._cfg.dir)!r} already holds {len(existing)} "
+                    f"checkpoint(s) of an earlier run; this run's saves count as newer, and the older "
+                    f"ones are deleted by keep_last/keep_best as new ones come. Use a new directory "
+                    f"to keep them, or pass resume='last' to continue that run",
+                    stacklevel=2,
+                )
+
+    # -- triggers ---------------------------------------------------------------
+
+    @hookimpl(wrapper=True)
+    def on_train_batch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """After all other plugins saw the batch: save when a step completed a multiple of N."""
+        result = yield
+        self._dirty = True
+        stepped = state.global_step > self._seen_step
+        self._seen_step = state.global_step
+        n = self._cfg.every_n_steps
+        due = self._pending_epoch or (n is not None and state.global_step % n == 0)
+        if stepped and state.micro_step == 0 and due:
+            self._save(trainer, state, "epoch" if self._pending_epoch else "step")
+        return result
+
+    @hookimpl(wrapper=True)
+    def on_train_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """Save an epoch checkpoint now, or after this epoch's validation if there is one."""
+        result = yield
+        self._dirty = True
+        n = self._cfg.every_n_epochs
+        if n is not None and (state.epoch + 1) % n == 0:
+            if self._validates_now(state):
+                self._pending_epoch = True
+            else:
+                self._save(trainer, state, "epoch")
+        return result
+
+    @hookimpl(wrapper=True)
+    def on_eval_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """Save the epoch checkpoint that waited for validation metrics."""
+        result = yield
+        if self._fitting:
+            self._dirty = True
+            if self._pending_epoch:
+                self._save(trainer, state, "epoch")
+        return result
+
+    @hookimpl(wrapper=True)
+    def on_fit_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """Save the final state, unless the last save already holds it."""
+        result = yield
+        if self._dirty and (self._cfg.save_on_fit_end or self._pending_epoch):
+            self._save(trainer, state, "fit_end")
+        self._fitting = False
+        return result
+
+    @hookimpl
+    def on_teardown(self) -> None:
+        """End of any run (also after an exception)."""
+        self._fitting = False
+
+    def _validates_now(self, state: State) -> bool:
+        # The Trainer's rule (TrainerConfig.val_every_n_epochs): every N epochs and
+        # after the last one, unless a stop was requested during the epoch.
+        if not self._has_val or state.stop_requested:
+            return False
+        last = self._max_epochs is not None and state.epoch + 1 >= self._max_epochs
+        return (state.epoch + 1) % self._val_every == 0 or last
+
+    # -- saving -------------------------------------------------------------------
+
+    def _save(self, trainer: Trainer, state: State, trigger: str) -> None:
+        self._pending_epoch = False
+        if not state.is_global_zero:
+            self._dirty = False
+            return
+        bad = _nonfinite_parameters(trainer.model)
+        if bad:
+            warnings.warn(
+                f"not saving a checkpoint at global step {state.global_step}: the model has NaN or "
+                f"infinite weights in {bad[:5]}; the earlier checkpoints in {str(self._cfg.dir)!r} are kept",
+                stacklevel=2,
+            )
+            return
+        cfg, step = self._cfg, state.global_step
+        metrics = dict(state.metrics)
+        score = finite_or_none(metrics.get(cfg.monitor)) if cfg.monitor else None
+        previous_best, previous_last = self.best, self.last
+        supersedes = previous_last["name"] if previous_last and previous_last["step"] == step else None
+        # The payload carries this plugin's state; update it first so a resumed
+        # run knows about the checkpoint it resumed from. Undone if the save fails.
+        name = next_name(cfg.dir, step)
+        self.last = {"name": name, "step": step}
+        if score is not None and cfg.keep_best:
+            ranked = [b for b in self.best if b["name"] != supersedes]
+            ranked.append({"name": name, "step": step, "score": score})
+            ranked.sort(key=lambda b: b["score"] if cfg.mode == "min" else -b["score"])
+            self.best = ranked[: cfg.keep_best]
+        try:
+            info = save_checkpoint(
+                trainer.state_dict(),
+                cfg.dir,
+                metrics=metrics,
+                monitor=cfg.monitor,
+                mode=cfg.mode,
+                trigger=trigger,
+                keep_last=cfg.keep_last,
+                keep_best=cfg.keep_best,
+                supersedes=supersedes,
+                name=name,
+            )
+        except BaseException as exc:
+            self.best, self.last = previous_best, previous_last
+            if isinstance(exc, OSError):
+                raise CheckpointError(
+                    f"could not write a checkpoint to {str(cfg.dir)!r} at global step {step}: {exc}; "
+                    f"free disk space or fix the directory's permissions (earlier checkpoints are intact)"
+                ) from exc
+            raise
+        self._after_save(info, name)
+
+    def _after_save(self, info: CheckpointInfo, planned: str) -> None:
+        self._dirty = False
+        if info.name != planned:  # pragma: no cover - another writer took the name
+            self.last = {"name": info.name, "step": info.global_step}
+            for entry in self.best:
+                if entry["name"] == planned:
+                    entry["name"] = info.name
+
+    # -- state ---------------------------------------------------------------------
+
+    @hookimpl
+    def state_dict(self) -> dict[str, Any]:
+        """The best list and the last save, as plain data."""
+        return {"best": [dict(b) for b in self.best], "last": dict(self.last) if self.last else None}
+
+    @hookimpl
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.best = [dict(b) for b in state_dict.get("best", [])]
+        last = state_dict.get("last")
+        self.last = dict(last) if last else None
+
+
+def _nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of floating-point parameters holding NaN or inf (one host sync in all)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() or p.is_complex()]
+    if not named:
+        return []
+    with torch.no_grad():
+        flags = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu()
+    return [n for (n, _), ok in zip(named, flags.tolist(), strict=True) if not ok]
+
+
+def make_plugin(config: TrainerConfig) -> CheckpointPlugin | None:
+    """The factory the plugin manager calls: a plugin only when checkpointing is on."""
+    return CheckpointPlugin(config) if config.checkpoint is not None else None
