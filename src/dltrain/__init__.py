@@ -13,6 +13,7 @@ from dltrain._markers import hookimpl, hookspec
 from dltrain._plugin_manager import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginInfo
 from dltrain._rng import seed_everything
 from dltrain.config import CheckpointConfig, TrainerConfig
+from dltrain.data import InMemoryLoader
 from dltrain.errors import (
     CheckpointError,
     ConfigError,
@@ -36,6 +37,7 @@ __all__ = [
     "DeviceError",
     "DltrainError",
     "History",
+    "InMemoryLoader",
     "NonFiniteError",
     "Phase",
     "PluginError",

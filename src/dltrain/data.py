@@ -56,7 +56,8 @@ class InMemoryLoader:
     batch. Either way every rank has the same number of batches, and when the
     number of samples divides evenly every sample is seen exactly once per
     epoch across all ranks. ``rank`` and ``world_size`` default to those of
-    the initialised ``torch.distributed`` process group, else 0 and 1.
+    the ``torch.distributed`` process group when it is initialised as the
+    loader is created (so create it after ``init_process_group``), else 0 and 1.
 
     Args:
         *tensors: The tensors, each with one row per sample along its first
@@ -120,10 +121,6 @@ class InMemoryLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        # Batches of the current epoch already handed out (for state_dict), and
-        # where the next iteration starts (non-zero only after load_state_dict).
-        self._batches_done = 0
-        self._resume_at = 0
 
         n = self.num_samples
         if self.drop_last:
@@ -173,7 +170,7 @@ class InMemoryLoader:
 
         Args:
             dataset: A map-style dataset (``__len__`` and ``__getitem__``).
-            batch_size: See :class:`InMemoryLoader`; so are the other arguments.
+            batch_size: See :class:`InMemoryLoader`.
             shuffle: See :class:`InMemoryLoader`.
             seed: See :class:`InMemoryLoader`.
             drop_last: See :class:`InMemoryLoader`.
@@ -231,16 +228,11 @@ class InMemoryLoader:
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration yield the order of ``epoch`` (0-based).
 
-        The Trainer calls this before each epoch with ``state.epoch``. Setting
-        the epoch the loader is already at keeps a position restored by
-        :meth:`load_state_dict`; any other epoch starts from its first batch.
+        The Trainer calls this before each epoch with ``state.epoch``.
         """
         if not _is_int(epoch) or epoch < 0:
             raise DataError(f"epoch must be an integer >= 0, got {epoch!r}")
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._batches_done = 0
-            self._resume_at = 0
+        self.epoch = epoch
 
     # -- iteration ------------------------------------------------------------------
 
@@ -248,17 +240,14 @@ class InMemoryLoader:
         """Yield this epoch's batches; at the end, move on to the next epoch."""
         tensors, size, n = self.tensors, self.batch_size, self._per_rank
         order = self._indices(self.epoch)
-        start, self._resume_at = self._resume_at, 0
-        for b in range(start, self._num_batches):
+        for b in range(self._num_batches):
             lo, hi = b * size, min((b + 1) * size, n)
-            self._batches_done = b + 1
             if order is None:
                 yield tuple(t[lo:hi] for t in tensors)
             else:
                 idx = order[lo:hi]
                 yield tuple(t.index_select(0, idx) for t in tensors)
         self.epoch += 1
-        self._batches_done = 0
 
     def indices(self, epoch: int | None = None) -> torch.Tensor:
         """The sample indices this rank takes in ``epoch`` (default: the current one), in order.
@@ -291,16 +280,17 @@ class InMemoryLoader:
     # -- checkpointing ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader is: the seed, the epoch and the batches done in it.
+        """The seed and the epoch, with the layout they give an order for.
 
-        Together with the layout it was taken with (number of samples, batch
-        size, shuffle, drop_last, world size), checked by :meth:`load_state_dict`.
-        Plain Python data, safe for ``torch.load(weights_only=True)``.
+        The layout (number of samples, batch size, shuffle, drop_last, world
+        size) is checked by :meth:`load_state_dict`. Plain Python data, safe
+        for ``torch.load(weights_only=True)``. A position inside the epoch is
+        not kept: the Trainer resumes mid-epoch by skipping the batches it
+        already trained on, which replays this loader's order exactly.
         """
         return {
             "seed": self.seed,
             "epoch": self.epoch,
-            "batches_done": self._batches_done,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
@@ -309,18 +299,17 @@ class InMemoryLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where :meth:`state_dict` was taken.
+        """Restore the seed and epoch saved by :meth:`state_dict`.
 
-        The next iteration yields the rest of the saved epoch, starting with
-        the first batch not yet handed out; the epochs after it follow as
-        they would have.
+        The next iteration yields the saved epoch's batches, in the same
+        order, and the epochs after it follow as they would have.
 
         Raises:
-            DataError: When the state is not from a loader of this layout
-                (another number of samples, batch size, shuffle, drop_last or
-                world size would give another order), or lacks a key.
+            DataError: When the state lacks the seed or epoch, or comes from a
+                loader of another layout (another number of samples, batch
+                size, shuffle, drop_last or world size gives another order).
         """
-        missing = [k for k in ("seed", "epoch", "batches_done") if k not in state]
+        missing = [k for k in ("seed", "epoch") if k not in state]
         if missing:
             raise DataError(f"loader state lacks {missing}; pass what InMemoryLoader.state_dict() returned")
         current = self.state_dict()
@@ -331,12 +320,10 @@ class InMemoryLoader:
                     f"{key}={current[key]!r}, so it cannot continue the same order; build the "
                     f"loader with {key}={state[key]!r}, or do not restore its state"
                 )
-        done = state["batches_done"]
-        if not _is_int(done) or not 0 <= done <= self._num_batches:
-            raise DataError(f"loader state has batches_done={done!r}, outside 0..{self._num_batches}")
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self._batches_done = self._resume_at = int(done)
+        if not _is_int(state["seed"]):
+            raise DataError(f"loader state has seed={state['seed']!r}; it must be an integer")
+        self.set_epoch(state["epoch"])
+        self.seed = state["seed"]
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -347,7 +334,10 @@ def _is_int(value: object) -> bool:
 
 
 def _flatten_tensor_args(args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
-    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+    where = "argument {} of InMemoryLoader"
+    given_one_sequence = len(args) == 1 and isinstance(args[0], (tuple, list))
+    if given_one_sequence and any(isinstance(t, torch.Tensor) for t in args[0]):
+        where = f"element {{}} of the {type(args[0]).__name__} given to InMemoryLoader"
         args = tuple(args[0])
     if not args:
         raise DataError(
@@ -357,7 +347,7 @@ def _flatten_tensor_args(args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
     for i, t in enumerate(args):
         if not isinstance(t, torch.Tensor):
             raise DataError(
-                f"argument {i} of InMemoryLoader is a {type(t).__name__}, not a torch.Tensor; "
+                f"{where.format(i)} is a {type(t).__name__}, not a torch.Tensor; "
                 "convert it with torch.as_tensor(...), or use InMemoryLoader.from_dataset(...) "
                 "for a dataset"
             )
@@ -463,10 +453,9 @@ def _fast_tensors(dataset: Any) -> tuple[torch.Tensor, ...] | None:
         and dataset.data.dim() == 3
         and isinstance(dataset.targets, torch.Tensor)
     ):
+        if dataset.targets.dim() != 1:  # QMNIST keeps extra columns: read it sample by sample
+            return None
         # Exactly what ToTensor does to each uint8 image: to the default float dtype, / 255.
         images = dataset.data.to(torch.get_default_dtype()).div(255).unsqueeze(1)
-        targets = dataset.targets
-        if targets.dim() > 1:  # QMNIST keeps extra columns; its samples carry the first
-            return None
-        return images, targets.long()
+        return images, dataset.targets.long()
     return None

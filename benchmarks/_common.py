@@ -1,0 +1,174 @@
+"""What the benchmark scripts share: data, the plain loop, timing and the table.
+
+Not a public module: the scripts import it from their own folder.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import dltrain
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_DIR = REPO / "examples" / "mnist"
+
+#: Environment variables that point at a directory holding MNIST/raw/, first found wins.
+DATA_DIR_ENVS = ("DLTRAIN_MNIST_DIR", "DLTRAIN_DATA_DIR")
+
+RAW_FILES = (
+    "MNIST/raw/train-images-idx3-ubyte",
+    "MNIST/raw/train-labels-idx1-ubyte",
+    "MNIST/raw/t10k-images-idx3-ubyte",
+    "MNIST/raw/t10k-labels-idx1-ubyte",
+)
+
+
+def default_data_dir() -> str:
+    """``$DLTRAIN_MNIST_DIR``, else ``$DLTRAIN_DATA_DIR``, else ``data``."""
+    return next((os.environ[e] for e in DATA_DIR_ENVS if os.environ.get(e)), "data")
+
+
+def has_mnist(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds the four MNIST IDX files in torchvision's layout."""
+    return all((Path(data_dir) / f).is_file() for f in RAW_FILES)
+
+
+def has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def example_net() -> type[nn.Module]:
+    """The MNIST example's ``Net`` (the tutorial's 784-128-64-10 MLP)."""
+    if str(EXAMPLE_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE_DIR))
+    from mnist_model import Net
+
+    net: type[nn.Module] = Net
+    return net
+
+
+def write_fake_mnist(root: str | Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Random images and labels as MNIST IDX files under ``root/MNIST/raw``.
+
+    So the torchvision pipeline (PIL image, ``ToTensor``) runs as it would on
+    the real files when they are not there.
+    """
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for split, count in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8, generator=gen)
+        labels = torch.randint(0, 10, (count,), dtype=torch.uint8, generator=gen)
+        header = bytes([0, 0, 8, 3]) + count.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
+        label_header = bytes([0, 0, 8, 1]) + count.to_bytes(4, "big")
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(label_header + labels.numpy().tobytes())
+    return Path(root)
+
+
+def mnist_tensors(
+    data_dir: str | Path, *, train: bool, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """MNIST as ``(images (N,1,28,28) float32, labels (N,) int64, where from)``.
+
+    Real MNIST (through torchvision, converted exactly as ``ToTensor`` does)
+    when the files and torchvision are there, else random data of the same shape.
+    """
+    n = limit if limit is not None else (60000 if train else 10000)
+    if has_mnist(data_dir) and has_torchvision():
+        from torchvision import datasets, transforms
+
+        from dltrain.data import InMemoryLoader
+
+        ds = datasets.MNIST(str(data_dir), train=train, download=False, transform=transforms.ToTensor())
+        x, y = InMemoryLoader.from_dataset(ds, batch_size=1).tensors
+        return x[:n], y[:n], f"real MNIST from {data_dir}"
+    gen = torch.Generator().manual_seed(1 if train else 2)
+    why = "no torchvision" if has_mnist(data_dir) else f"no MNIST in {data_dir}"
+    x = torch.rand(n, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    return x, y, f"synthetic, MNIST-shaped random data ({why})"
+
+
+def plain_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batches: Iterable[Any]
+) -> float:
+    """One epoch of the loop a careful PyTorch user writes; returns the mean batch loss.
+
+    The loss is summed on the device (``running += loss.detach()``) and read
+    once at the end, as dltrain's metrics plugin does: the tutorial's
+    ``running_loss += loss.item()`` would add a host sync per step to the
+    baseline, and so flatter dltrain.
+    """
+    model.train()
+    running = None
+    steps = 0
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        running = loss.detach() if running is None else running + loss.detach()
+        steps += 1
+    assert running is not None
+    return float(running) / steps
+
+
+def plain_accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
+    """Test accuracy in percent."""
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    model.train()
+    return 100.0 * correct / total
+
+
+class EpochTimer:
+    """A plugin that times each training epoch, from its start hook to its end hook."""
+
+    name = "bench_epoch_timer"
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    @dltrain.hookimpl(tryfirst=True)
+    def on_train_epoch_start(self) -> None:
+        self._start = time.perf_counter()
+
+    @dltrain.hookimpl(trylast=True)
+    def on_train_epoch_end(self) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table with columns padded to their widest cell."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value != value else f"{value:.{digits}f}"
