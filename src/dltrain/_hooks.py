@@ -10,6 +10,24 @@ if TYPE_CHECKING:
 __all__ = ["Hooks"]
 
 
+def _direct(impl: Any, *, firstresult: bool) -> Any:
+    """Call one hook implementation as pluggy would: keyword arguments, its argnames only."""
+    function, argnames = impl.function, tuple(impl.argnames)
+
+    if firstresult:
+
+        def call(**kwargs: Any) -> Any:
+            return function(*[kwargs[a] for a in argnames])
+
+    else:
+
+        def call(**kwargs: Any) -> Any:
+            result = function(*[kwargs[a] for a in argnames])
+            return [] if result is None else [result]
+
+    return call
+
+
 class Hooks:
     """The hook callers of one plugin manager, with unimplemented hooks as None.
 
@@ -23,13 +41,24 @@ class Hooks:
         self._callers: dict[str, Any] = {}
 
     def refresh(self) -> None:
-        """Re-read which hooks have implementations (call at the start of each run)."""
+        """Re-read which hooks have implementations (call at the start of each run).
+
+        A hook with a single plain implementation is called directly, without
+        pluggy's dispatch (same result, a few microseconds less per call).
+        """
         relay = self._manager.hook
-        self._callers = {
-            name: caller
-            for name, caller in vars(relay).items()
-            if not name.startswith("_") and caller.get_hookimpls()
-        }
+        self._callers = {}
+        for name, caller in vars(relay).items():
+            if name.startswith("_"):
+                continue
+            impls = caller.get_hookimpls()
+            if not impls:
+                continue
+            if len(impls) == 1 and not (impls[0].wrapper or impls[0].hookwrapper):
+                firstresult = bool(caller.spec is not None and caller.spec.opts.get("firstresult"))
+                self._callers[name] = _direct(impls[0], firstresult=firstresult)
+            else:
+                self._callers[name] = caller
 
     def get(self, name: str) -> Any:
         """The caller of hook ``name``, or None when no plugin implements it."""
