@@ -70,7 +70,13 @@ def run_dltrain(train_data: Any, test_data: Any, *, epochs: int, seed: int) -> t
     model = _model(seed)
     timer = EpochTimer()
     trainer = dltrain.Trainer(
-        max_epochs=epochs, device="cpu", seed=None, progress="off", run_dir=None, plugins=[timer]
+        max_epochs=epochs,
+        device="cpu",
+        seed=None,
+        progress="off",
+        run_dir=None,
+        autoload_plugins=False,
+        plugins=[timer],
     )
     trainer.fit(
         model,
