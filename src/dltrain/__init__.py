@@ -1,18 +1,21 @@
 """dltrain: a small, fast, trustworthy training loop for any PyTorch model.
 
 Public names only; everything else is private. ``import dltrain`` loads
-torch, pluggy and pydantic, and nothing optional (torchvision, progress
-bars, plotting, loggers load only when used).
+torch and pluggy. The Trainer and the configuration (which need pydantic)
+load on first use of ``dltrain.Trainer``, ``dltrain.TrainerConfig`` or
+``dltrain.CheckpointConfig``, so plugin modules that only need
+``dltrain.hookimpl`` import fast; optional parts (torchvision, progress
+bars, plotting, loggers) load only when a run uses them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from dltrain._markers import hookimpl, hookspec
 from dltrain._plugin_manager import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginInfo
 from dltrain._rng import seed_everything
-from dltrain.config import CheckpointConfig, TrainerConfig
 from dltrain.data import InMemoryLoader
 from dltrain.errors import (
     CheckpointError,
@@ -25,7 +28,17 @@ from dltrain.errors import (
     StepError,
 )
 from dltrain.state import History, Phase, RunKind, State, StepOutput
-from dltrain.trainer import Trainer
+
+if TYPE_CHECKING:
+    from dltrain.config import CheckpointConfig, TrainerConfig
+    from dltrain.trainer import Trainer
+
+# Public names whose modules need pydantic: loaded on first access (PEP 562).
+_LAZY = {
+    "Trainer": "dltrain.trainer",
+    "TrainerConfig": "dltrain.config",
+    "CheckpointConfig": "dltrain.config",
+}
 
 __all__ = [
     "BUILTIN_PLUGINS",
@@ -56,8 +69,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     if name == "__version__":
         from importlib.metadata import version
 
         return version("dltrain")
     raise AttributeError(f"module 'dltrain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

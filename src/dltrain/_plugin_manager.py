@@ -8,7 +8,6 @@ user plugins run before entry-point plugins, which run before built-ins;
 from __future__ import annotations
 
 import difflib
-import importlib.metadata
 import inspect
 import os
 import types
@@ -152,6 +151,8 @@ class PluginManager:
         self._info[name] = PluginInfo(name, source, _describe(plugin), hooks)
 
     def _load_entry_points(self) -> None:
+        import importlib.metadata  # only when autoloading: it costs ~20 ms to import
+
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if ep.name in self._blocked or self._pm.has_plugin(ep.name):
                 continue
