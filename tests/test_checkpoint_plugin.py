@@ -132,7 +132,10 @@ class PoisonAtStep:
 
 
 def test_a_model_with_nan_weights_is_never_saved(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, max_steps=2, ckpt_every_n_steps=1, plugins=(PoisonAtStep(2),))
+    # "stop": the run ends cleanly at the poisoned step ("raise", the default, would raise there).
+    trainer = make_trainer(
+        tmp_path, max_steps=2, on_nonfinite="stop", ckpt_every_n_steps=1, plugins=(PoisonAtStep(2),)
+    )
     with pytest.warns(UserWarning, match="not saving a checkpoint at global step 2: the model has NaN"):
         fit(trainer)
     assert saved(tmp_path) == [(1, "step")]
@@ -143,11 +146,21 @@ def test_only_rank_zero_writes(tmp_path: Path) -> None:
     state = State(run=RunKind.FIT, rank=1, world_size=2)
     plugin.on_fit_start(state)
     state.global_step = 1
-    hook = plugin.on_train_batch_end(trainer=None, state=state)  # type: ignore[arg-type]
+    payloads: list[int] = []
+
+    class StubTrainer:  # what the plugin uses of a Trainer on rank 1: check the weights, build the payload
+        model = torch.nn.Linear(2, 2)
+
+        def state_dict(self) -> dict[str, int]:
+            payloads.append(1)
+            return {}
+
+    hook = plugin.on_train_batch_end(trainer=StubTrainer(), state=state)  # type: ignore[arg-type]
     next(hook)
     with pytest.raises(StopIteration):
         hook.send(None)
     assert not (tmp_path / "ckpt").exists()
+    assert payloads == [1]  # built on every rank, for state that is gathered across ranks
 
 
 def test_the_plugin_state_round_trips_and_is_in_every_checkpoint(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from dltrain import ConfigError, TrainerConfig
         ({"gradient_clip_val": -1.0}, "gradient_clip_val", "greater than 0"),
         ({"device": "tpu"}, "device", "'auto', 'cpu', 'cuda', 'cuda:N'"),
         ({"precision": "8"}, "precision", "'32', 'bf16-mixed' or '16-mixed'"),
-        ({"max_epoch": 3}, "max_epoch", "Extra inputs are not permitted"),
+        ({"max_epoch": 3}, "max_epoch", "did you mean 'max_epochs'"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite", "'raise', 'skip' or 'stop'"),
     ],
 )

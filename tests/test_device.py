@@ -25,8 +25,12 @@ class Sample:
 
 def test_nested_batches_are_moved_and_other_values_left_alone() -> None:
     meta = object()
-    batch = {"a": [torch.ones(2), (torch.zeros(1), "text")], "p": Pair(torch.ones(1), torch.ones(1)),
-             "s": Sample(torch.ones(3), 4), "m": meta}
+    batch = {
+        "a": [torch.ones(2), (torch.zeros(1), "text")],
+        "p": Pair(torch.ones(1), torch.ones(1)),
+        "s": Sample(torch.ones(3), 4),
+        "m": meta,
+    }
     moved = move_to_device(batch, torch.device("meta"))
     assert moved["a"][0].device.type == "meta" and moved["a"][1][0].device.type == "meta"
     assert moved["a"][1][1] == "text" and moved["m"] is meta
@@ -53,7 +57,9 @@ def test_model_and_batches_move_to_cuda() -> None:
 
     model = tiny_model()
     dltrain.Trainer(device="cuda", progress="off", run_dir=None).fit(
-        model, tiny_loader(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        tiny_loader(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         loss_fn=torch.nn.CrossEntropyLoss(),
     )
     assert next(model.parameters()).device.type == "cuda"

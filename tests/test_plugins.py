@@ -83,7 +83,9 @@ def test_an_exception_in_a_plugin_names_the_plugin_and_hook_and_keeps_the_cause(
             if state.global_step == 2:
                 raise ValueError("kaput")
 
-    with pytest.raises(PluginError, match=r"plugin 'boom' raised ValueError in hook 'on_train_batch_end'") as info:
+    with pytest.raises(
+        PluginError, match=r"plugin 'boom' raised ValueError in hook 'on_train_batch_end'"
+    ) as info:
         fit(make_trainer(plugins=[Boom()], max_epochs=2))
     assert "global step 2" in str(info.value)
     assert isinstance(info.value.__cause__, ValueError)
@@ -239,3 +241,38 @@ def test_autoload_off_skips_entry_points(installed_plugin: Path, monkeypatch: py
     assert make_trainer(autoload_plugins=False).plugin_manager.get_plugin("hello") is None
     monkeypatch.setenv("DLTRAIN_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert make_trainer().plugin_manager.get_plugin("hello") is None
+
+
+def test_a_wrapper_on_a_per_plugin_hook_is_refused() -> None:
+    class WrapsMetrics:
+        @hookimpl(wrapper=True)
+        def compute_metrics(self) -> Any:
+            return (yield)
+
+    with pytest.raises(PluginError, match=r"'compute_metrics' as a wrapper.*would never run"):
+        make_trainer(plugins=[WrapsMetrics()])
+
+
+def test_keyword_only_hook_arguments_are_refused_with_the_fix() -> None:
+    class KeywordOnly:
+        @hookimpl
+        def on_fit_start(self, *, state: Any) -> None: ...
+
+    with pytest.raises(PluginError, match=r"keyword-only.*\['state'\].*def on_fit_start\(self, state\)"):
+        make_trainer(plugins=[KeywordOnly()])
+
+
+def test_get_plugin_finds_builtins_by_name() -> None:
+    trainer = make_trainer()
+    assert trainer.get_plugin("metrics") is trainer.plugin_manager.get_plugin("metrics")
+    assert trainer.get_plugin("nope") is None
+
+
+def test_your_own_instance_of_an_installed_plugin_replaces_the_autoloaded_one(installed_plugin: Path) -> None:
+    import dltrain_hello  # type: ignore[import-not-found]
+
+    mine = dltrain_hello.HelloPlugin()
+    mine.name = "hello"
+    trainer = make_trainer(plugins=[mine])
+    assert trainer.get_plugin("hello") is mine
+    assert {p.name: p.source for p in trainer.plugin_manager.plugins()}["hello"] == "user"

@@ -21,8 +21,12 @@ def test_bf16_autocast_runs_the_step_in_bfloat16_and_learns() -> None:
     model = tiny_model()
     history = dltrain.Trainer(
         max_epochs=8, precision="bf16-mixed", device="cpu", progress="off", run_dir=None, plugins=[Probe()]
-    ).fit(model, tiny_loader(samples=256), optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-          loss_fn=torch.nn.CrossEntropyLoss())
+    ).fit(
+        model,
+        tiny_loader(samples=256),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+    )
     assert set(dtypes) == {torch.bfloat16}
     assert next(model.parameters()).dtype == torch.float32  # weights stay float32
     assert history["train_accuracy"][-1] > 0.85
@@ -31,9 +35,15 @@ def test_bf16_autocast_runs_the_step_in_bfloat16_and_learns() -> None:
 def test_fp16_on_cpu_is_refused_with_the_alternative() -> None:
     model = tiny_model()
     trainer = dltrain.Trainer(precision="16-mixed", device="cpu", progress="off", run_dir=None)
-    with pytest.raises(dltrain.DltrainError, match="'16-mixed' needs a CUDA device.*use precision='bf16-mixed'"):
-        trainer.fit(model, tiny_loader(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                    loss_fn=torch.nn.CrossEntropyLoss())
+    with pytest.raises(
+        dltrain.DltrainError, match=r"'16-mixed' needs a CUDA device.*use precision='bf16-mixed'"
+    ):
+        trainer.fit(
+            model,
+            tiny_loader(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=torch.nn.CrossEntropyLoss(),
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -41,8 +51,12 @@ def test_fp16_with_grad_scaler_on_cuda() -> None:
     model = tiny_model()
     history = dltrain.Trainer(
         max_epochs=5, precision="16-mixed", device="cuda", gradient_clip_val=1.0, progress="off", run_dir=None
-    ).fit(model, tiny_loader(samples=256), optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-          loss_fn=torch.nn.CrossEntropyLoss())
+    ).fit(
+        model,
+        tiny_loader(samples=256),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+    )
     assert history["train_accuracy"][-1] > 0.8
 
 
@@ -60,7 +74,11 @@ def test_compile_wraps_the_model_with_torch_compile(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch, "compile", fake_compile)
     model = tiny_model()
     trainer = dltrain.Trainer(compile=True, device="cpu", progress="off", run_dir=None)
-    trainer.fit(model, tiny_loader(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                loss_fn=torch.nn.CrossEntropyLoss())
+    trainer.fit(
+        model,
+        tiny_loader(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+    )
     assert compiled == [model]
     assert trainer.model._orig_mod is model

@@ -122,7 +122,10 @@ def test_a_regression_model_with_dict_batches_trains_through_a_step_plugin() -> 
     model = nn.Linear(4, 1)
     trainer = make_trainer(max_epochs=30, plugins=[DictStep()])
     history = trainer.fit(
-        model, batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), loss_fn=nn.MSELoss(),
+        model,
+        batches,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        loss_fn=nn.MSELoss(),
         val_data=batches,
     )
     assert history["train_loss"][-1] < 0.01 * history["train_loss"][0]
@@ -175,7 +178,10 @@ def test_request_stop_ends_the_run_with_its_reason() -> None:
     model = tiny_model()
     trainer = make_trainer(max_epochs=10, plugins=[StopAtThree()])
     trainer.fit(
-        model, tiny_loader(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss()
+        model,
+        tiny_loader(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(),
     )
     assert trainer.state is not None
     assert trainer.state.global_step == 3 and trainer.state.stop_reason == "enough"
@@ -197,19 +203,25 @@ def test_schedulers_step_per_epoch_per_step_and_on_plateau() -> None:
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    make_trainer(max_epochs=3).fit(model, tiny_loader(), optimizer=opt, loss_fn=nn.CrossEntropyLoss(), scheduler=sched)
+    make_trainer(max_epochs=3).fit(
+        model, tiny_loader(), optimizer=opt, loss_fn=nn.CrossEntropyLoss(), scheduler=sched
+    )
     assert opt.param_groups[0]["lr"] == pytest.approx(0.125)
 
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     make_trainer(max_epochs=1, scheduler_interval="step").fit(
-        model, tiny_loader(samples=64, batch_size=16), optimizer=opt, loss_fn=nn.CrossEntropyLoss(), scheduler=sched
+        model,
+        tiny_loader(samples=64, batch_size=16),
+        optimizer=opt,
+        loss_fn=nn.CrossEntropyLoss(),
+        scheduler=sched,
     )
     assert opt.param_groups[0]["lr"] == pytest.approx(1 / 16)
 
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
-    with pytest.raises(dltrain.DltrainError, match="ReduceLROnPlateau monitors 'val_loss'.*train_loss"):
+    with pytest.raises(dltrain.DltrainError, match=r"ReduceLROnPlateau monitors 'val_loss'.*train_loss"):
         make_trainer(max_epochs=1).fit(
             model, tiny_loader(), optimizer=opt, loss_fn=nn.CrossEntropyLoss(), scheduler=plateau
         )
@@ -225,7 +237,9 @@ def test_gradient_clipping_by_norm_and_value() -> None:
         @hookimpl
         def on_before_optimizer_step(self, trainer: dltrain.Trainer) -> None:
             grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-            seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            seen.append(
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            )
             seen.append(float(max(g.abs().max() for g in grads)))
 
     model = tiny_model()
@@ -235,9 +249,9 @@ def test_gradient_clipping_by_norm_and_value() -> None:
     )
     assert max(seen[0::2]) <= 0.01 + 1e-6
     seen.clear()
-    make_trainer(max_steps=2, gradient_clip_val=0.001, gradient_clip_algorithm="value", plugins=[GradProbe()]).fit(
-        model, tiny_loader(), optimizer=opt, loss_fn=nn.CrossEntropyLoss()
-    )
+    make_trainer(
+        max_steps=2, gradient_clip_val=0.001, gradient_clip_algorithm="value", plugins=[GradProbe()]
+    ).fit(model, tiny_loader(), optimizer=opt, loss_fn=nn.CrossEntropyLoss())
     assert max(seen[1::2]) <= 0.001 + 1e-9
 
 
@@ -290,7 +304,9 @@ def test_custom_metrics_callables_and_stateful_objects() -> None:
     model = tiny_model()
     trainer = make_trainer(metrics={"top2": top2, "seen": CountingMetric()})
     history = trainer.fit(
-        model, tiny_loader(samples=48), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        tiny_loader(samples=48),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         loss_fn=nn.CrossEntropyLoss(),
     )
     assert history["train_seen"] == [48.0]
@@ -302,7 +318,10 @@ def test_fit_returns_history_also_on_the_trainer() -> None:
     model = tiny_model()
     trainer = make_trainer(max_epochs=2)
     history = trainer.fit(
-        model, tiny_loader(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss()
+        model,
+        tiny_loader(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(),
     )
     assert history is trainer.history
     assert [row["epoch"] for row in history.epochs] == [1, 2]
@@ -322,3 +341,64 @@ def test_any_iterable_of_batches_works_not_only_dataloaders() -> None:
         model, Batches(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss()
     )
     assert len(history.epochs) == 1
+
+
+def test_a_finished_run_continues_for_more_epochs_from_its_last_checkpoint(tmp_path: Any) -> None:
+    def run(epochs: int, resume: str | None) -> tuple[dltrain.Trainer, nn.Module]:
+        model = tiny_model()
+        trainer = make_trainer(max_epochs=epochs, checkpoint={"dir": tmp_path / "ckpt"})
+        trainer.fit(
+            model,
+            tiny_loader(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(),
+            resume=resume,
+        )
+        return trainer, model
+
+    first, _ = run(2, None)
+    assert first.state is not None and first.state.epoch == 2  # epochs completed
+    resumed, model = run(3, "last")
+    assert resumed.state is not None and resumed.state.epoch == 3
+    assert [row["epoch"] for row in resumed.history.epochs] == [1, 2, 3]
+    _, straight_model = run(3, None)
+    for a, b in zip(model.parameters(), straight_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_epoch_counts_completed_epochs_after_an_early_stop() -> None:
+    class StopAfterFirst:
+        @hookimpl
+        def on_train_epoch_end(self, trainer: dltrain.Trainer) -> None:
+            trainer.request_stop("one is enough")
+
+    model = tiny_model()
+    trainer = make_trainer(max_epochs=5, plugins=[StopAfterFirst()])
+    trainer.fit(
+        model,
+        tiny_loader(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+    assert trainer.state is not None and trainer.state.epoch == 1
+
+
+def test_resume_replays_the_order_of_a_dataloader_with_its_own_generator(tmp_path: Any) -> None:
+    def run(max_steps: int, resume: str | None) -> nn.Module:
+        model = tiny_model()
+        loader = tiny_loader(samples=64, batch_size=8, shuffle=True, seed=5)  # DataLoader(generator=...)
+        trainer = make_trainer(max_steps=max_steps, checkpoint={"dir": tmp_path / "ckpt", "every_n_steps": 1})
+        trainer.fit(
+            model,
+            loader,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            loss_fn=nn.CrossEntropyLoss(),
+            resume=resume,
+        )
+        return model
+
+    run(11, None)  # stops inside the second epoch
+    resumed = run(20, "last")
+    straight = run(20, None)
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b)

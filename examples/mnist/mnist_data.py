@@ -7,7 +7,7 @@ Two ways to feed the same data:
   through PIL and ``ToTensor`` every epoch, which costs most of the epoch.
 - ``"memory"``: the same images converted once to one float32 tensor (exactly
   what ``ToTensor`` returns: ``uint8 / 255`` shaped ``(N, 1, 28, 28)``) and
-  served in shuffled slices by :class:`dltrain.data.InMemoryLoader`.
+  served in shuffled batches by :class:`dltrain.data.InMemoryLoader`.
 
 Both read the original IDX files in torchvision's layout,
 ``<data dir>/MNIST/raw/train-images-idx3-ubyte`` and its three siblings.
@@ -21,8 +21,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-
-import torch
 
 from dltrain.errors import DataError
 
@@ -86,9 +84,12 @@ def _download(data_dir: Path) -> None:
         # download=True fetches all four files; train=False skips parsing the big one.
         MNIST(str(data_dir), train=False, download=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torchvision's message spans lines (one per mirror tried): make it one.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if len(reason) > 400:
+            reason = reason[:400] + "..."
         raise DataError(
-            f"downloading MNIST into {_describe(data_dir)} failed: {first_line}. "
+            f"downloading MNIST into {_describe(data_dir)} failed: {reason}. "
             "Check the network connection and that the directory is writable, or copy "
             f"the four IDX files into {data_dir / 'MNIST' / 'raw'} yourself "
             "and run without --download."
@@ -119,9 +120,7 @@ def load_mnist(data_dir: str | Path, train: bool, download: bool = False) -> MNI
     if missing:
         raise DataError(_not_found_message(root, missing))
     try:
-        dataset = datasets.MNIST(
-            str(root), train=train, download=False, transform=transforms.ToTensor()
-        )
+        dataset = datasets.MNIST(str(root), train=train, download=False, transform=transforms.ToTensor())
     except Exception as exc:  # torchvision reports a bad file with a bare assert
         raise DataError(
             f"could not read the MNIST files {', '.join(RAW_FILES[train])} in {_describe(root)} "
@@ -135,15 +134,6 @@ def load_mnist(data_dir: str | Path, train: bool, download: bool = False) -> MNI
             "delete them and run again with --download."
         )
     return dataset
-
-
-def mnist_tensors(dataset: MNIST) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of a dataset as ``(images, labels)``: float32 ``(N, 1, 28, 28)`` in [0, 1], int64.
-
-    The images equal what ``transforms.ToTensor()`` returns for each one.
-    """
-    images = dataset.data.unsqueeze(1).to(torch.float32).div(255)
-    return images, dataset.targets.to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -190,9 +180,13 @@ def make_loaders(
         )
     from dltrain.data import InMemoryLoader
 
+    # from_dataset converts a ToTensor() MNIST in one operation, bit for bit
+    # what ToTensor gives each image, so both loaders train on the same values.
     return MnistLoaders(
-        train=InMemoryLoader(mnist_tensors(train_set), batch_size=batch_size, seed=seed),
+        train=InMemoryLoader.from_dataset(
+            train_set, batch_size=batch_size, shuffle=True, seed=0 if seed is None else seed
+        ),
         # Order does not change accuracy, so the test set is not shuffled.
-        test=InMemoryLoader(mnist_tensors(test_set), batch_size=batch_size, shuffle=False),
+        test=InMemoryLoader.from_dataset(test_set, batch_size=batch_size, shuffle=False),
         test_size=len(test_set),
     )

@@ -13,11 +13,15 @@ __all__ = ["check_data", "check_model", "check_optimizer"]
 
 
 def check_model(model: Any) -> torch.nn.Module:
-    """The model must be an ``nn.Module``."""
-    if not isinstance(model, torch.nn.Module):
-        hint = " (a class: did you forget to instantiate it?)" if isinstance(model, type) else ""
+    """The model must be an ``nn.Module`` instance."""
+    if isinstance(model, type):
         raise StepError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}{hint}; "
+            f"model is the class {model.__name__}, not an instance: create it first, "
+            f"e.g. model = {model.__name__}(...), and pass model"
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise StepError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; "
             f"wrap your function in an nn.Module subclass"
         )
     return model

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Loop", "unwrap_model"]
 
-# Where a fit stands, saved in checkpoints: inside a training epoch, between
-# an epoch's training and its validation, or with the epoch complete.
-STAGE_TRAIN, STAGE_VALIDATE, STAGE_DONE = "train", "validate", "done"
+# Where a fit stands, saved in checkpoints: inside a training epoch, between an epoch's
+# training and its validation, with epoch `state.epoch` complete, or before it starts.
+STAGE_TRAIN, STAGE_VALIDATE, STAGE_DONE, STAGE_START = "train", "validate", "done", "start"
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,6 +42,19 @@ def _length(data: Any) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def _data_generators(data: Any) -> list[torch.Generator]:
+    """The torch Generators a DataLoader shuffles or seeds its workers with (its own RNG)."""
+    sampler = getattr(data, "sampler", None)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    owners = (data, sampler, batch_sampler, getattr(batch_sampler, "sampler", None))
+    found: list[torch.Generator] = []
+    for owner in owners:
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
 
 
 def _set_epoch(data: Any, epoch: int) -> None:
@@ -64,7 +77,7 @@ class Loop:
         precision = Precision(self.config.precision, state.device)
         self.autocast, self.scaler = precision.autocast, precision.scaler
         self.nonfinite = NonFiniteGuard(self.config.on_nonfinite)
-        self.stage = STAGE_DONE
+        self.stage = STAGE_START
         self.epoch_rng: dict[str, Any] | None = None  # RNG before iter(data): replays the data order
         self.resume_rng: dict[str, Any] | None = None  # RNG to restore once the data is replayed
         self.skip_step = False
@@ -127,6 +140,11 @@ class Loop:
                 break
             state.epoch += 1
             state.batch_idx = 0
+            self.stage = STAGE_START
+        if self.stage == STAGE_DONE:  # ended after a complete epoch: state.epoch counts it
+            state.epoch += 1
+            state.batch_idx = 0
+            self.stage = STAGE_START
         if state.stop_reason is None:
             state.stop_reason = "max_steps reached" if self._step_limit_reached() else "max_epochs reached"
 
@@ -156,11 +174,15 @@ class Loop:
         """An iterator over this epoch's batches, replayed past those done when resuming."""
         state = self.state
         skip = 0
+        generators = _data_generators(data)
         if resuming and self.epoch_rng is not None:
             set_rng_state(self.epoch_rng)  # the same RNG gives the same shuffle
+            for gen, gen_state in zip(generators, self.epoch_rng.get("data_generators", []), strict=False):
+                gen.set_state(gen_state)
             skip = state.batch_idx + 1
         else:
             self.epoch_rng = get_rng_state()
+            self.epoch_rng["data_generators"] = [gen.get_state() for gen in generators]
         _set_epoch(data, state.epoch)
         batches: Iterator[Any] = iter(data)
         # Batches are fetched one at a time, never ahead: then the RNG saved after batch k is
@@ -245,6 +267,8 @@ class Loop:
             raise DataError("train_data produced no batches this epoch; check that the dataset is not empty")
         self.nonfinite.check(state, unwrap_model(model), trainer.request_stop)
         state.metrics.update(self.compute_metrics())
+        if self.nonfinite.policy == "skip":  # shown with the epoch's metrics, so skips are seen
+            state.metrics["train_skipped_steps"] = float(state.skipped_steps)
         return completed and not state.stop_requested
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
@@ -262,6 +286,8 @@ class Loop:
             else:
                 torch.nn.utils.clip_grad_value_(params, cfg.gradient_clip_val)
         skip, self.skip_step = self.skip_step, False
+        if not skip and scaler is None and self.nonfinite.policy == "skip":
+            skip = not self.nonfinite.grads_finite(params)  # a finite loss can have NaN gradients
         if skip:
             state.skipped_steps += 1
         else:

@@ -10,8 +10,8 @@ import pluggy
 
 PROJECT_NAME = "dltrain"
 
-#: Marks a hook specification (used by :mod:`dltrain.hookspecs`).
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+"""Marks a hook specification (used by :mod:`dltrain.hookspecs`)."""
 
-#: Marks a hook implementation in a plugin: ``@dltrain.hookimpl``.
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+"""Marks a hook implementation in a plugin: ``@dltrain.hookimpl``."""

@@ -1,16 +1,20 @@
 """The non-finite loss policy (``on_nonfinite``): raise, skip or stop.
 
-"raise" and "stop" cost no host sync per step: losses are summed on the
-device (a NaN or inf anywhere makes the sum non-finite) and the sum is read
-every ``log_every_n_steps`` optimizer steps and at each epoch's end. "skip"
-must decide before each optimizer step, so it reads every loss (one sync per
-step on an accelerator, as a float16 GradScaler does).
+"raise" and "stop" cost no host sync per step: each micro-batch's loss is
+kept on the device (a detached reference, no kernel), and the losses of the
+window, with the weights' finiteness, are read with one sync every
+``log_every_n_steps`` optimizer steps and at each epoch's end. The first
+non-finite loss of a window is then reported exactly (epoch, batch, step,
+value), although training went on until the check. "skip" must decide
+before each optimizer step, so it reads every loss, and the gradients, with
+one sync per step (on an accelerator; a float16 GradScaler does the same).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,48 +23,112 @@ from dltrain.state import State
 
 __all__ = ["NonFiniteGuard"]
 
+# Losses are stacked into one device tensor every this many micro-batches, so a
+# long window (a large log_every_n_steps) holds a few tensors, not thousands.
+_CHUNK = 1024
+
+_ADVICE = (
+    "Lower the learning rate, clip gradients (gradient_clip_val), check that batch for NaN or inf, "
+    "or set on_nonfinite='skip' (skip such steps) or 'stop' (end the run cleanly)"
+)
+
+
+def _finite_flags(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One boolean per (non-empty) tensor, on ``device``: all its values finite. Few kernels, no sync.
+
+    The infinity norm (largest absolute value) is NaN or inf exactly when a
+    value is, and never overflows, unlike the 2-norm.
+    """
+    maxima = torch._foreach_norm(list(tensors), math.inf)
+    return torch.isfinite(torch.stack([m.float().to(device) for m in maxima]))
+
 
 class NonFiniteGuard:
-    """Watches the losses of one run and applies the policy."""
+    """Watches the losses of one run and applies the policy.
+
+    Args:
+        policy: ``"raise"``, ``"skip"`` or ``"stop"`` (``TrainerConfig.on_nonfinite``).
+    """
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
-        self._sum: torch.Tensor | None = None
-        self._since = (0, 0)  # (global step, epoch) where the current window began
+        self._pending: list[torch.Tensor] = []  # this window's losses, not stacked yet
+        self._chunks: list[torch.Tensor] = []  # stacked runs of _CHUNK losses, float32
+        self._where = array("q")  # epoch, batch_idx, global_step of each loss, flattened
+        self._since = 0  # global step where the window began
 
     def observe(self, state: State, loss: torch.Tensor) -> bool:
         """Record one micro-batch's loss; True when policy "skip" must skip its step."""
         if self.policy == "skip":
-            return not bool(torch.isfinite(loss.detach()))
-        total = self._sum
-        if total is None or total.device != loss.device:
-            total = self._sum = torch.zeros((), dtype=torch.float32, device=loss.device)
-            self._since = (state.global_step, state.epoch)
-        total.add_(loss.detach().float())
+            return not bool(torch.isfinite(loss.detach()).all())
+        if not self._pending and not self._chunks:
+            self._since = state.global_step
+        self._pending.append(loss.detach())
+        self._where.extend((state.epoch, state.batch_idx, state.global_step))
+        if len(self._pending) == _CHUNK:
+            self._chunks.append(self._stack_pending())
         return False
 
+    def grads_finite(self, params: Sequence[torch.nn.Parameter]) -> bool:
+        """For policy "skip": whether every gradient is finite (one sync).
+
+        A finite loss can still give NaN or inf gradients (``sqrt`` at 0, an
+        overflow in backward); one such step would make every weight NaN.
+        """
+        grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
+        return not grads or bool(_finite_flags(grads, grads[0].device).all())
+
+    def _stack_pending(self) -> torch.Tensor:
+        stacked = torch.stack([t.reshape(()).float() for t in self._pending])
+        self._pending = []
+        return stacked
+
     def check(self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]) -> None:
-        """Read the window's loss sum (one sync); raise or request a stop if it is not finite."""
-        total = self._sum
-        if total is None or self.policy == "skip":
+        """Read the window's losses and the weights (one sync); raise or request a stop if not finite.
+
+        Raises:
+            NonFiniteError: policy "raise" and a loss or weight is NaN or infinite.
+        """
+        if self.policy == "skip" or not (self._pending or self._chunks):
             return
-        value = float(total)
-        since, epoch = self._since
-        total.zero_()
-        self._since = (state.global_step, state.epoch)
-        if math.isfinite(value):
+        if self._pending:
+            self._chunks.append(self._stack_pending())
+        losses = torch.cat(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        where, since = self._where, self._since
+        self._chunks, self._where = [], array("q")
+        named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
+        loss_ok = torch.isfinite(losses)
+        if named:
+            flags = torch.cat([loss_ok, _finite_flags([p.detach() for _, p in named], loss_ok.device)])
+        else:
+            flags = loss_ok
+        if bool(flags.all()):  # the one sync of a good window
             return
-        where = (
-            f"between optimizer steps {since} and {state.global_step} "
-            f"(epoch {epoch + 1}, batch {state.batch_idx}, phase {state.phase.value})"
-        )
+        bad_weights = [
+            n for (n, _), ok in zip(named, flags[loss_ok.numel() :].tolist(), strict=True) if not ok
+        ]
+        bad_losses = (~loss_ok).nonzero().flatten().tolist()
+        weights = f"; non-finite weights now in: {bad_weights[:5]}" if bad_weights else ""
+        if bad_losses:
+            first = bad_losses[0]
+            epoch, batch, step = where[3 * first : 3 * first + 3]
+            value = float(losses[first])
+            others = len(bad_losses) - 1
+            head = f"non-finite loss ({value})" if self.policy == "stop" else f"the loss became {value}"
+            problem = (
+                f"{head} at epoch {epoch + 1}, global step {step}, batch {batch}"
+                + (f" (and {others} more batch(es) until global step {state.global_step})" if others else "")
+                + weights
+            )
+        else:
+            problem = (
+                f"non-finite weights in {bad_weights[:5]} after global step {state.global_step}, though "
+                f"every loss since global step {since} was finite: a gradient was NaN or inf"
+            )
         if self.policy == "stop":
-            request_stop(f"non-finite loss {where}")
+            request_stop(problem)
             return
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
         raise NonFiniteError(
-            f"the loss became {value} {where}"
-            + (f"; non-finite weights now in: {bad[:5]}" if bad else "")
-            + ". Lower the learning rate, clip gradients (gradient_clip_val), check the data for NaN, "
-            "or set on_nonfinite='skip' or 'stop'. Set log_every_n_steps=1 to stop at the exact step."
+            f"{problem}. {_ADVICE}. Losses are checked every log_every_n_steps optimizer steps and at each "
+            f"epoch's end (this check at global step {state.global_step}); log_every_n_steps=1 stops at once."
         )

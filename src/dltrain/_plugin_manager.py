@@ -26,23 +26,33 @@ if TYPE_CHECKING:
 
 __all__ = ["BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "PluginInfo", "PluginManager"]
 
-#: The entry-point group third-party plugin distributions register under.
 ENTRY_POINT_GROUP = "dltrain"
+"""The entry-point group third-party plugin distributions register under."""
 
-#: Environment variable that, set to a non-empty value other than ``0``, skips entry points.
 DISABLE_AUTOLOAD_ENV = "DLTRAIN_DISABLE_PLUGIN_AUTOLOAD"
+"""Environment variable that, set to a non-empty value other than ``0``, skips entry points."""
 
-#: Built-in plugins in registration order: (name, "module:factory").
-#: Each factory takes the TrainerConfig and returns a plugin, or None when
-#: the config turns the plugin off (pay only for what is used).
 _BUILTIN_FACTORIES: tuple[tuple[str, str], ...] = (
     ("device", "dltrain.default_plugins.device:make_plugin"),
+    ("distributed", "dltrain.default_plugins.distributed:make_plugin"),
     ("step", "dltrain.default_plugins.step:make_plugin"),
     ("metrics", "dltrain.default_plugins.metrics:make_plugin"),
+    ("progress", "dltrain.default_plugins.progress:make_plugin"),
+    ("metric_log", "dltrain.default_plugins.metric_log:make_plugin"),
+    ("checkpoint", "dltrain.default_plugins.checkpoint:make_plugin"),
+    # Last: its on_fit_end is a tryfirst wrapper, the outermost layer of that hook,
+    # and among tryfirst wrappers pluggy enters the last registered first. So its
+    # KeyboardInterrupt / SystemExit(143) comes after every built-in's on_fit_end,
+    # the checkpoint plugin's final save included, whatever their markers.
+    ("signals", "dltrain.default_plugins.signals:make_plugin"),
 )
+"""Built-in plugins in registration order: (name, "module:factory"). Each factory takes the TrainerConfig and returns a plugin, or None when the config turns the plugin off (pay only for what is used)."""
 
-#: Names of the built-in plugins, each of which ``disable_plugins`` can block.
 BUILTIN_PLUGINS: tuple[str, ...] = tuple(name for name, _ in _BUILTIN_FACTORIES)
+"""Names of the built-in plugins, each of which ``disable_plugins`` can block."""
+
+PER_PLUGIN_HOOKS = frozenset({"compute_metrics", "state_dict", "load_state_dict", "on_exception"})
+"""Hooks the Trainer calls on each plugin separately (their results belong to one plugin), so wrappers cannot wrap them."""
 
 _HOOK_NAMES = frozenset(
     name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, "dltrain_spec")
@@ -138,17 +148,47 @@ class PluginManager:
         name = name or _plugin_name(plugin)
         if name in self._blocked:
             return
+        if self._pm.has_plugin(name) and source == "user" and self._info[name].source == "entrypoint":
+            # Your own instance of an installed plugin (configured in code) replaces the autoloaded one.
+            self._pm.unregister(name=name)
+            del self._info[name]
         if self._pm.has_plugin(name):
             raise PluginError(
                 f"two plugins are named {name!r} ({self._info[name].origin} and {_describe(plugin)}); "
                 f"give one a different `name` attribute"
             )
+        self._check_impls(name, plugin)
         try:
             self._pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(self._explain_validation(name, plugin, exc)) from exc
         hooks = tuple(sorted(hc.name for hc in self._pm.get_hookcallers(plugin) or ()))
         self._info[name] = PluginInfo(name, source, _describe(plugin), hooks)
+
+    @staticmethod
+    def _check_impls(name: str, plugin: object) -> None:
+        """Refuse what pluggy would accept but never call as written."""
+        for hook in _HOOK_NAMES:
+            impl = getattr(plugin, hook, None)
+            opts = getattr(impl, "dltrain_impl", None)
+            if impl is None or opts is None:
+                continue
+            if hook in PER_PLUGIN_HOOKS and (opts.get("wrapper") or opts.get("hookwrapper")):
+                raise PluginError(
+                    f"plugin {name!r} implements {hook!r} as a wrapper, but {hook} is called on each "
+                    f"plugin separately, so a wrapper would never run; implement it as a plain hook"
+                )
+            keyword_only = [
+                p.name
+                for p in inspect.signature(impl).parameters.values()
+                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)
+            ]
+            if keyword_only:
+                raise PluginError(
+                    f"plugin {name!r} implements {hook!r} with keyword-only or ** parameter(s) "
+                    f"{keyword_only}; hooks pass their arguments by name to ordinary parameters: "
+                    f"def {hook}(self, {', '.join(p.lstrip('*') for p in keyword_only)})"
+                )
 
     def _load_entry_points(self) -> None:
         import importlib.metadata  # only when autoloading: it costs ~20 ms to import

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dltrain.errors import DltrainError
+from dltrain.errors import DeviceError
 
 __all__ = ["Precision"]
 
@@ -27,7 +27,7 @@ class Precision:
         if precision == "32":
             return
         if precision == "16-mixed" and device.type != "cuda":
-            raise DltrainError(
+            raise DeviceError(
                 f"precision='16-mixed' needs a CUDA device, but the run uses {device}; "
                 f"use precision='bf16-mixed' on {device.type}"
             )

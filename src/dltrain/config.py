@@ -8,22 +8,26 @@ any file is written or any model is touched.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dltrain.errors import ConfigError
 
@@ -34,6 +38,34 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _suggest_field(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        """Add "did you mean ...?" to pydantic's error for an unknown setting."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors: list[InitErrorDetails] = []
+            changed = False
+            for error in exc.errors():
+                message = error["msg"]
+                if error["type"] == "extra_forbidden" and "did you mean" not in message:
+                    fields = _fields_at(cls, error["loc"][:-1])
+                    close = difflib.get_close_matches(str(error["loc"][-1]), fields, n=1)
+                    if close:
+                        message += f"; did you mean {close[0]!r}?"
+                        changed = True
+                errors.append(
+                    {
+                        "type": PydanticCustomError(error["type"], message),
+                        "loc": error["loc"],
+                        "input": error["input"],
+                    }
+                )
+            if not changed:
+                raise
+            raise ValidationError.from_exception_data(exc.title, errors) from None
 
 
 class CheckpointConfig(_Strict):
@@ -120,7 +152,12 @@ class TrainerConfig(_Strict):
         "'16-mixed' (autocast to float16 with a GradScaler; CUDA only).",
     )
     compile: bool = Field(default=False, description="Apply torch.compile to the model.")
-    seed: int | None = Field(default=None, description="Seed Python, NumPy and torch before the run starts.")
+    seed: int | None = Field(
+        default=None,
+        ge=-(2**63),
+        lt=2**64,
+        description="Seed Python, NumPy and torch before the run starts.",
+    )
 
     # --- what people see and keep --------------------------------------------
     accuracy: Literal["auto", "always", "never"] = Field(
@@ -184,6 +221,20 @@ class TrainerConfig(_Strict):
         return data
 
 
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the (nested) model at ``loc``; empty when it is not a model."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        nested = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)]
+        models = [a for a in nested if issubclass(a, BaseModel)]
+        if not models:
+            return []
+        model = models[0]
+    return list(model.model_fields)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON, TOML or YAML file into a dict, with errors that name the file."""
     p = Path(path)
@@ -207,7 +258,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 import yaml
             except ImportError as exc:
                 raise ConfigError(f"reading {str(p)!r} needs PyYAML: pip install 'dltrain[yaml]'") from exc
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=yaml12_loader())  # a SafeLoader subclass
         else:
             raise ConfigError(
                 f"config file {str(p)!r} has suffix {suffix!r}; use .json, .toml, .yaml or .yml"
@@ -223,3 +274,22 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"config file {str(p)!r} holds a {type(data).__name__}; it must hold a mapping of settings"
         )
     return dict(data)
+
+
+def yaml12_loader() -> Any:
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false, so ``progress: off`` stays a string.
+
+    (YAML 1.1, PyYAML's default, reads ``off``, ``on``, ``yes`` and ``no`` as booleans.)
+    """
+    import yaml
+
+    loader: Any = type("Yaml12SafeLoader", (yaml.SafeLoader,), {})
+    bool_tag = "tag:yaml.org,2002:bool"
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    loader.add_implicit_resolver(
+        bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    return loader

@@ -10,7 +10,8 @@ test, and drawn on the docs site)::
 
     select_device                       # first result wins
     on_setup                            # move / wrap the model
-    prepare_data                        # first result wins; per data argument
+    prepare_data                        # first result wins; once per data argument
+    load_state_dict                     # each plugin, only when resuming
     on_fit_start
     for each epoch:
         on_train_epoch_start
@@ -26,20 +27,23 @@ test, and drawn on the docs site)::
                 # clip, optimizer.step(), zero_grad, scheduler (per step)
             on_train_batch_end
         compute_metrics                 # all results merged -> train_* metrics
+        # no validation this epoch: scheduler (per epoch), history row
         on_train_epoch_end              # reads the epoch's metrics
         if validating this epoch:
             on_eval_epoch_start
             for each batch: transfer_batch, on_eval_batch_start, eval_step, on_eval_batch_end
             compute_metrics             # -> val_* metrics
+            # scheduler (per epoch), history row
             on_eval_epoch_end
-        # scheduler (per epoch)
     on_fit_end
     # on an exception anywhere above: on_exception
     on_teardown                         # always, last
 
-``validate``, ``test`` and ``predict`` call ``select_device``, ``on_setup``,
-``on_<run>_start``, one evaluation epoch as above, ``on_<run>_end`` and
-``on_teardown``.
+An epoch cut short (``max_steps``, :meth:`~dltrain.Trainer.request_stop`)
+still gets ``compute_metrics`` and ``on_train_epoch_end``, but no validation
+and no per-epoch scheduler step. ``validate``, ``test`` and ``predict`` call
+``select_device``, ``on_setup``, ``prepare_data``, ``on_<run>_start``, one
+evaluation epoch as above, ``on_<run>_end`` and ``on_teardown``.
 
 Producers return values in one phase and consumers read them in the next
 (metrics are computed before ``on_*_epoch_end``, which checkpointing, early

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -50,6 +51,16 @@ class Trainer:
         pydantic.ValidationError: a config value is invalid (nothing was done yet).
         PluginError: a plugin cannot be registered.
 
+    Attributes:
+        config: The validated :class:`~dltrain.TrainerConfig`.
+        plugin_manager: This Trainer's plugins (see :meth:`get_plugin`, :meth:`explain_hooks`).
+        history: Per-epoch metrics of the latest ``fit``.
+        state: The :class:`~dltrain.State` of the latest or current run (None before any).
+        model: The model of the current run, possibly wrapped (DDP, compile) by ``on_setup``.
+        optimizer: The optimizer passed to ``fit``.
+        scheduler: The LR scheduler passed to ``fit``, or None.
+        loss_fn: The loss function of ``fit`` (or of ``validate``/``test``).
+
     Example:
         ```python
         trainer = Trainer(max_epochs=3, device="cpu")
@@ -69,6 +80,8 @@ class Trainer:
             if config_fields:
                 config = TrainerConfig.model_validate({**config.model_dump(), **config_fields})
         else:
+            if config is not None and not isinstance(config, Mapping):
+                TrainerConfig.model_validate(config)  # a ValidationError that names the type given
             config = TrainerConfig.model_validate({**dict(config or {}), **config_fields})
         self.config: TrainerConfig = config
         user_plugins = list(plugins)
@@ -153,6 +166,14 @@ class Trainer:
                 self._resume(resume, strict=resume_strict)
             self._hooks.call("on_fit_start", trainer=self, state=state)
             self._require_loop().fit(train_data, val_data)
+            if state.skipped_steps:
+                warnings.warn(
+                    f"on_nonfinite='skip' skipped {state.skipped_steps} of {state.global_step} optimizer steps "
+                    f"because a loss or gradient was NaN or infinite (history['train_skipped_steps'] has the "
+                    f"running count at each epoch's end); if this recurs, lower the learning rate or check "
+                    f"the data",
+                    stacklevel=2,
+                )
             self._hooks.call("on_fit_end", trainer=self, state=state)
         return self.history
 
@@ -188,6 +209,13 @@ class Trainer:
         if not self.state.stop_requested:
             self.state.stop_requested = True
             self.state.stop_reason = reason
+
+    def get_plugin(self, name: str) -> Any:
+        """The registered plugin named ``name`` (built-in, installed or yours), or None.
+
+        Example: ``trainer.get_plugin("metric_log").run_path``.
+        """
+        return self.plugin_manager.get_plugin(name)
 
     def explain_hooks(self) -> str:
         """For each hook, the plugins implementing it in call order (a printable table)."""
@@ -356,7 +384,12 @@ class Trainer:
             return PluginError(
                 f"plugin {plugin!r} raised {type(exc).__name__} in hook {hook!r} at {where}: {exc}"
             )
-        origin = f"in hook {culprit[1]!r} (model forward or loss_fn)" if culprit else "in user code"
+        if culprit is None:
+            origin = "in user code"
+        elif culprit[1] in ("training_step", "eval_step"):
+            origin = f"in hook {culprit[1]!r} (model forward or loss_fn)"
+        else:
+            origin = f"in built-in plugin {culprit[0]!r}, hook {culprit[1]!r}"
         _add_note(exc, f"dltrain: raised {origin} at {where}")
         return exc
 

@@ -187,16 +187,23 @@ class CheckpointPlugin:
 
     def _save(self, trainer: Trainer, state: State, trigger: str) -> None:
         self._pending_epoch = False
-        if not state.is_global_zero:
-            self._dirty = False
-            return
+        # Checked on every rank (the replicas hold the same weights), so all ranks agree
+        # on whether this save happens.
         bad = _nonfinite_parameters(trainer.model)
         if bad:
-            warnings.warn(
-                f"not saving a checkpoint at global step {state.global_step}: the model has NaN or "
-                f"infinite weights in {bad[:5]}; the earlier checkpoints in {str(self._cfg.dir)!r} are kept",
-                stacklevel=2,
-            )
+            if state.is_global_zero:
+                warnings.warn(
+                    f"not saving a checkpoint at global step {state.global_step}: the model has NaN or "
+                    f"infinite weights in {bad[:5]}; the earlier checkpoints in {str(self._cfg.dir)!r} "
+                    f"are kept",
+                    stacklevel=2,
+                )
+            return
+        if not state.is_global_zero:
+            self._dirty = False
+            # Only rank 0 writes, but every rank builds the payload: a plugin's state_dict may
+            # gather its state across ranks (the metrics plugin does), a collective all must join.
+            trainer.state_dict()
             return
         cfg, step = self._cfg, state.global_step
         metrics = dict(state.metrics)

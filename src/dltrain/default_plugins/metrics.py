@@ -247,35 +247,54 @@ class MetricsPlugin:
         return result
 
     @hookimpl
-    def state_dict(self) -> dict[str, Any] | None:
-        """The sums of the epoch in progress, so a resumed epoch reports exact means."""
+    def state_dict(self, trainer: Trainer) -> dict[str, Any] | None:
+        """The sums of the epoch in progress, so a resumed epoch reports exact means.
+
+        Under distributed training they are the sums of all ranks (an
+        all-reduce: every rank must call this, as the checkpoint plugin does).
+        """
         sums = self._sums
         if sums is None:
             return None
         sums.flush()
+        loss, correct, custom = sums.loss.detach(), sums.correct.detach(), sums.custom.detach()
+        count, loss_count = sums.count, sums.loss_count
+        state = trainer.state
+        if state is not None and state.world_size > 1 and torch.distributed.is_initialized():
+            counts = torch.tensor([count, loss_count], dtype=torch.float64, device=loss.device)
+            packed = torch.cat([loss.reshape(1), correct.to(torch.float64).reshape(1), custom, counts])
+            torch.distributed.all_reduce(packed)
+            loss, correct, custom = packed[0], packed[1].to(torch.int64), packed[2:-2]
+            count, loss_count = int(packed[-2]), int(packed[-1])
         return {
-            "loss": sums.loss.detach().cpu(),
-            "correct": sums.correct.detach().cpu(),
-            "custom": sums.custom.detach().cpu(),
-            "count": sums.count,
-            "loss_count": sums.loss_count,
+            "loss": loss.cpu(),
+            "correct": correct.cpu(),
+            "custom": custom.cpu(),
+            "count": count,
+            "loss_count": loss_count,
             "classify": self._classify,
         }
 
     @hookimpl
     def load_state_dict(self, trainer: Trainer, state_dict: dict[str, Any]) -> None:
-        """Restore the sums; the resumed epoch's start keeps them."""
+        """Restore the sums; the resumed epoch's start keeps them.
+
+        They are the sums of all ranks of the saving run: under distributed
+        training rank 0 takes them and the other ranks start from zero, so the
+        all-reduced epoch metrics count every sample once, whatever the number
+        of processes before and after.
+        """
         device = trainer.state.device if trainer.state is not None else torch.device("cpu")
         sums = _Sums(device, len(self._fns))
+        self._sums, self._classify, self._resumed = sums, state_dict["classify"], True
+        if trainer.state is not None and trainer.state.rank != 0:
+            return
         sums.loss.copy_(state_dict["loss"])
         sums.correct.copy_(state_dict["correct"])
         if sums.custom.numel() == state_dict["custom"].numel():
             sums.custom.copy_(state_dict["custom"])
         sums.count = int(state_dict["count"])
         sums.loss_count = int(state_dict["loss_count"])
-        self._sums = sums
-        self._classify = state_dict["classify"]
-        self._resumed = True
 
 
 def make_plugin(config: TrainerConfig) -> MetricsPlugin:

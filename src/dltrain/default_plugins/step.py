@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dltrain._markers import hookimpl
-from dltrain.errors import DataError
+from dltrain.errors import DataError, StepError
 from dltrain.state import Phase, StepOutput
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dltrain.state import State
     from dltrain.trainer import Trainer
 
-__all__ = ["StepPlugin", "batch_size_of", "unpack_batch"]
+__all__ = ["StepPlugin", "batch_size_of", "compute_loss", "unpack_batch"]
 
 _INPUT_KEYS = ("inputs", "input", "x")
 _TARGET_KEYS = ("targets", "target", "y", "labels", "label")
@@ -85,17 +85,98 @@ def _call_model(model: torch.nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+# Losses that take class indices: targets of shape (N, ...) as int64.
+_CLASS_INDEX_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
+# Losses that compare element by element: they broadcast other shapes, with only a warning.
+_ELEMENTWISE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _loss_fix(loss_fn: Any, outputs: Any, targets: Any, exc: BaseException | None) -> str:
+    """What to change so that ``loss_fn(outputs, targets)`` works (a best guess from shapes and dtypes)."""
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return (
+            "the default step passes the model's output and the batch's targets to loss_fn as they are; "
+            "make both tensors, or implement training_step/eval_step in a plugin"
+        )
+    name = type(loss_fn).__name__ + getattr(loss_fn, "__name__", "")
+    if outputs.dim() and targets.dim() and outputs.shape[0] != targets.shape[0]:
+        return (
+            f"the model returned {outputs.shape[0]} rows for a batch of {targets.shape[0]} targets; "
+            f"check the reshapes in forward (e.g. x.view(-1, n) with a wrong n)"
+        )
+    class_index = isinstance(loss_fn, _CLASS_INDEX_LOSSES) or "cross_entropy" in name or "nll" in name
+    if class_index and targets.dim() == outputs.dim() - 1:
+        if targets.dtype != torch.long:
+            return "class-index targets must be int64: convert them with targets.long() (in the dataset)"
+        if isinstance(exc, IndexError):
+            classes = outputs.shape[1] if outputs.dim() > 1 else outputs.shape[0]
+            low, high = int(targets.min()), int(targets.max())
+            return (
+                f"class indices must be in [0, {classes}) for a model with {classes} outputs, but the "
+                f"targets range from {low} to {high}: give the model more outputs, or remap the labels"
+            )
+    if class_index and targets.dim() == outputs.dim() and targets.shape[-1] == 1:
+        return "the targets have an extra dimension of size 1: use targets.squeeze(-1) for class indices"
+    if targets.shape != outputs.shape:
+        return (
+            f"{type(loss_fn).__name__} needs targets of the outputs' shape {tuple(outputs.shape)}: reshape "
+            f"one of them (e.g. outputs.squeeze(-1), or targets.view_as(outputs))"
+        )
+    if targets.dtype != outputs.dtype:
+        return f"convert the targets to the outputs' dtype: targets.to({outputs.dtype})"
+    return "check that loss_fn fits the model's outputs and the targets"
+
+
+def compute_loss(trainer: Trainer, state: State, outputs: Any, targets: Any) -> Any:
+    """``trainer.loss_fn(outputs, targets)``, with a :class:`~dltrain.StepError` when they do not fit.
+
+    Raises:
+        StepError: the loss function rejected the outputs or targets (wrong
+            dtype, shape or class range; the original error is the cause), or
+            an element-wise loss would silently broadcast different shapes.
+    """
+    loss_fn = trainer.loss_fn
+    where = f"at epoch {state.epoch + 1}, batch {state.batch_idx} ({state.phase.value})"
+    if (
+        isinstance(loss_fn, _ELEMENTWISE_LOSSES)
+        and isinstance(outputs, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and outputs.shape != targets.shape
+    ):
+        raise StepError(
+            f"loss_fn {type(loss_fn).__name__} got the model's outputs ({_describe(outputs)}) and targets "
+            f"({_describe(targets)}) {where}; it would broadcast them to a wrong loss. "
+            f"Fix: {_loss_fix(loss_fn, outputs, targets, None)}"
+        )
+    try:
+        return loss_fn(outputs, targets)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        raise StepError(
+            f"loss_fn {type(loss_fn).__name__} failed on the model's outputs ({_describe(outputs)}) and the "
+            f"targets ({_describe(targets)}) {where}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            f"Fix: {_loss_fix(loss_fn, outputs, targets, exc)}"
+        ) from exc
+
+
 class StepPlugin:
     """The default ``training_step`` and ``eval_step``: ``loss_fn(model(inputs), targets)``."""
 
     name = "step"
 
     @hookimpl(trylast=True)
-    def training_step(self, trainer: Trainer, model: torch.nn.Module, batch: Any) -> StepOutput:
+    def training_step(self, trainer: Trainer, state: State, model: torch.nn.Module, batch: Any) -> StepOutput:
         """Forward the inputs and compute the loss against the targets."""
         inputs, targets = unpack_batch(batch)
         outputs = _call_model(model, inputs)
-        loss = trainer.loss_fn(outputs, targets)
+        loss = compute_loss(trainer, state, outputs, targets)
         return StepOutput(loss, outputs, targets, batch_size_of(inputs))
 
     @hookimpl(trylast=True)
@@ -105,7 +186,7 @@ class StepPlugin:
         outputs = _call_model(model, inputs)
         loss = None
         if targets is not None and trainer.loss_fn is not None and state.phase is not Phase.PREDICT:
-            loss = trainer.loss_fn(outputs, targets)
+            loss = compute_loss(trainer, state, outputs, targets)
         return StepOutput(loss, outputs, targets, batch_size_of(inputs))
 
 

@@ -1,0 +1,448 @@
+"""Built-in plugin ``distributed``: data-parallel training under ``torchrun``, no code change.
+
+Registered only when the process was started by ``torchrun`` (the
+``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and ``MASTER_ADDR`` environment
+variables are set) or a ``torch.distributed`` process group is already
+initialised, so single-process runs pay nothing. In each run it:
+
+* ``select_device`` (a wrapper, entered first): initialises the process group
+  from the environment unless one exists (NCCL when the run uses CUDA, else
+  Gloo; with a timeout, so no collective waits forever), and gives each
+  process the GPU of its local rank. The Trainer then reads ``state.rank``
+  and ``state.world_size`` from the group.
+* ``on_setup`` (last): wraps the model in ``DistributedDataParallel`` for fit.
+* ``prepare_data``: gives each process its shard. A plain ``DataLoader`` is
+  rebuilt with a ``DistributedSampler`` for training (every sample once per
+  epoch, shuffled per epoch when the original shuffled) and a
+  :class:`ShardSampler` for evaluation (no padding, so metrics are exact);
+  an :class:`~dltrain.data.InMemoryLoader` is re-sharded the same way.
+* keeps every stop decision the same on all ranks (see below).
+* ``on_teardown`` (last): unwraps the model and destroys the process group
+  if this plugin created it.
+
+**Stop agreement.** A stop (early stopping, a signal, ``on_nonfinite="stop"``,
+any plugin's ``request_stop``) may be requested on one rank only, but all
+ranks must leave the loop at the same step, or one waits forever in a
+collective the others never join. After every optimizer step (once every
+other ``on_train_batch_end`` implementation ran) and at every epoch's end,
+the ranks all-reduce the count of ranks that want to stop; when it is
+nonzero, every rank requests the stop, with the reason of the lowest rank
+that asked. The flag is a CPU tensor on a Gloo group, so under NCCL it costs
+no GPU synchronisation; it costs one Gloo round trip per step (on 2 CPU
+processes training an MLP, not measurable above the noise). It must run
+every step: the Trainer acts on a local request at the next step boundary,
+so agreeing less often would let one rank leave early. Nothing here runs
+inside a signal handler; signal plugins must only record the signal there
+and call ``request_stop`` from a hook.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from collections.abc import Generator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore
+from torch.distributed.rendezvous import rendezvous
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+
+from dltrain._markers import hookimpl
+from dltrain.data import InMemoryLoader
+from dltrain.errors import DataError, DeviceError
+from dltrain.state import Phase, RunKind
+
+if TYPE_CHECKING:
+    from dltrain.config import TrainerConfig
+    from dltrain.state import State
+    from dltrain.trainer import Trainer
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "TIMEOUT_ENV",
+    "TORCHRUN_ENV",
+    "DistributedPlugin",
+    "ShardSampler",
+    "launched_by_torchrun",
+    "make_plugin",
+]
+
+#: Environment variables ``torchrun`` sets in every process it starts.
+TORCHRUN_ENV: tuple[str, ...] = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")
+
+#: Environment variable overriding :data:`DEFAULT_TIMEOUT`, in seconds.
+TIMEOUT_ENV = "DLTRAIN_DIST_TIMEOUT"
+
+#: How long a collective (and the start-up rendezvous) may wait for the other ranks.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def launched_by_torchrun() -> bool:
+    """True when every variable of :data:`TORCHRUN_ENV` is set (the process was started by torchrun)."""
+    return all(os.environ.get(name) for name in TORCHRUN_ENV)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` of ``num_samples``: one shard, without padding.
+
+    For evaluation: unlike ``DistributedSampler``, no sample is repeated to
+    even out the shards, so sums and counts all-reduced across ranks equal
+    those of one process. Shards may differ in length by one sample.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def _timeout_from_env() -> datetime.timedelta:
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise DeviceError(
+            f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds; e.g. {TIMEOUT_ENV}=600"
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
+def _loader_kwargs(loader: DataLoader[Any]) -> dict[str, Any]:
+    """The settings of ``loader`` other than its dataset and sampling, to rebuild it."""
+    kwargs: dict[str, Any] = {
+        "batch_size": loader.batch_size,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "drop_last": loader.drop_last,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "prefetch_factor": loader.prefetch_factor,
+    }
+    if getattr(loader, "pin_memory_device", ""):
+        kwargs["pin_memory_device"] = loader.pin_memory_device
+    if hasattr(loader, "in_order"):
+        kwargs["in_order"] = loader.in_order
+    return kwargs
+
+
+class DistributedPlugin:
+    """Data-parallel training across the processes of a ``torchrun`` job.
+
+    Args:
+        seed: Base seed of the training ``DistributedSampler`` (epoch ``e``
+            shuffles with ``seed + e``). None: ``config.seed``, or 0 when unset.
+        timeout: How long a collective may wait for the other ranks before
+            failing. None: ``$DLTRAIN_DIST_TIMEOUT`` seconds, else 10 minutes.
+        ddp_kwargs: Extra arguments for ``DistributedDataParallel``, e.g.
+            ``{"find_unused_parameters": True}``.
+        name: Plugin name. ``disable_plugins`` blocks a name, so an instance
+            replacing the built-in needs another one.
+
+    To change these, disable the built-in and register your own, e.g.
+    ``Trainer(disable_plugins=["distributed"], plugins=[DistributedPlugin(name="ddp", ddp_kwargs=...)])``.
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        timeout: datetime.timedelta | None = None,
+        ddp_kwargs: Mapping[str, Any] | None = None,
+        name: str = "distributed",
+    ) -> None:
+        self.name = name
+        self._seed = seed
+        self._timeout = timeout
+        self._ddp_kwargs = dict(ddp_kwargs or {})
+        self._created_group = False
+        self._flag_group: Any = None
+        self._own_flag_group = False
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._wrapped: torch.nn.Module | None = None
+        self._run_seed = 0
+
+    # -- setup ------------------------------------------------------------------
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def select_device(self, config: TrainerConfig) -> Generator[None, Any, Any]:
+        """Initialise the process group first; then put each process on its local rank's GPU."""
+        self._run_seed = self._seed if self._seed is not None else (config.seed or 0)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        request = config.device
+        cuda = request.startswith("cuda") or (request == "auto" and torch.cuda.is_available())
+        if cuda and request in ("auto", "cuda"):
+            count = torch.cuda.device_count()
+            if local_rank >= count:
+                raise DeviceError(
+                    f"LOCAL_RANK={local_rank} but this machine shows {count} CUDA device(s): start at most "
+                    f"{count} processes per node (torchrun --nproc-per-node={count}), or pass device='cpu'"
+                )
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            self._init_group("nccl" if cuda else "gloo")
+        self._setup_flag_group()
+        device = yield
+        if isinstance(device, torch.device) and dist.get_world_size() > 1:
+            if device.type == "cuda" and request in ("auto", "cuda"):
+                device = torch.device("cuda", local_rank)
+            elif device.type == "mps":
+                raise DeviceError(
+                    "distributed training does not support device 'mps'; pass device='cpu' "
+                    "(or run a single process)"
+                )
+        return device
+
+    def _init_group(self, backend: str) -> None:
+        timeout = self._timeout or _timeout_from_env()
+        store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        # A fresh key prefix per group: a rank that starts its next run (and group)
+        # while another still works in the previous one must not read the old
+        # group's addresses from the shared store. Every rank makes the same
+        # sequence of groups, so its own counter names the same generation.
+        generation = store.add(f"dltrain/groups_made_by_rank_{rank}", 1)
+        dist.init_process_group(
+            backend,
+            store=PrefixStore(f"dltrain/group_{generation}/", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+        # Under torchrun the rendezvous store is torchrun's and outlives the group, so
+        # the group can end with the run and the next run can make a new one. Without
+        # it (a launcher that only sets the variables), rank 0's group hosts the store;
+        # a new one could race with ranks still connected to the old, so it is kept.
+        self._created_group = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+    def _setup_flag_group(self) -> None:
+        # Stop flags travel as CPU tensors: under NCCL on a Gloo side group, so
+        # agreeing costs no GPU synchronisation.
+        if "gloo" in str(dist.get_backend()).lower():
+            self._flag_group, self._own_flag_group = None, False
+        else:
+            timeout = self._timeout or _timeout_from_env()
+            self._flag_group = dist.new_group(backend="gloo", timeout=timeout)
+            self._own_flag_group = True
+
+    @hookimpl(trylast=True)
+    def on_setup(self, trainer: Trainer, state: State) -> None:
+        """For fit, wrap the model in ``DistributedDataParallel`` (after every other plugin changed it).
+
+        DDP broadcasts rank 0's parameters and buffers, so all ranks start
+        equal. Evaluation runs (validate, test, predict) need no wrapper.
+        """
+        self._wrapped = None
+        if state.run is not RunKind.FIT or state.world_size < 2:
+            return
+        model = trainer.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return
+        device_ids = [state.device.index] if state.device.type == "cuda" else None
+        trainer.model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, **self._ddp_kwargs
+        )
+        self._wrapped = model
+
+    # -- data -------------------------------------------------------------------
+
+    @hookimpl
+    def prepare_data(self, state: State, data: Any, phase: Phase) -> Any:
+        """This rank's shard of ``data`` (a rebuilt loader), or None to keep ``data`` as it is.
+
+        Training data is split into equal shards (so every rank makes the
+        same number of steps); evaluation data into unpadded shards (so
+        metrics are exact). Predict keeps all data on every rank.
+        """
+        world, rank = state.world_size, state.rank
+        if world < 2 or phase is Phase.PREDICT:
+            return None
+        if isinstance(data, InMemoryLoader):
+            return self._shard_in_memory(data, rank, world, phase=phase)
+        if type(data) is DataLoader:
+            if isinstance(data.sampler, (DistributedSampler, ShardSampler)):
+                return None  # sharded already
+            if (
+                not isinstance(data.dataset, IterableDataset)
+                and data.batch_size is not None
+                and (type(data.sampler) is SequentialSampler or _plain_random(data.sampler))
+            ):
+                return self._shard_loader(data, rank, world, phase=phase)
+        if rank == 0:
+            warnings.warn(
+                f"the {phase.value} data (a {type(data).__name__}) cannot be sharded automatically, so "
+                f"every one of the {world} processes uses all of it. Pass a DataLoader with the default "
+                f"sampler (shuffle=True or False), an InMemoryLoader, or give each rank its own shard "
+                f"(e.g. with torch.utils.data.DistributedSampler)",
+                stacklevel=2,
+            )
+        return None
+
+    def _shard_loader(
+        self, loader: DataLoader[Any], rank: int, world: int, *, phase: Phase
+    ) -> DataLoader[Any]:
+        dataset: Any = loader.dataset
+        sampler: Sampler[int]
+        if phase is Phase.TRAIN:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=world,
+                rank=rank,
+                shuffle=isinstance(loader.sampler, RandomSampler),
+                seed=self._run_seed,
+            )
+        else:
+            n = len(dataset)
+            _check_eval_size(n, world, phase)
+            sampler = ShardSampler(n, rank, world)
+        return DataLoader(dataset, sampler=sampler, **_loader_kwargs(loader))
+
+    def _shard_in_memory(
+        self, loader: InMemoryLoader, rank: int, world: int, *, phase: Phase
+    ) -> InMemoryLoader | None:
+        if phase is Phase.TRAIN:
+            if loader.world_size == world and loader.rank == rank:
+                return None
+            # Made before the process group existed: shard it as it would have sharded itself.
+            sharded = InMemoryLoader(
+                *loader.tensors,
+                batch_size=loader.batch_size,
+                shuffle=loader.shuffle,
+                seed=loader.seed,
+                drop_last=loader.drop_last,
+                rank=rank,
+                world_size=world,
+            )
+            sharded.set_epoch(loader.epoch)
+            return sharded
+        n = loader.num_samples
+        _check_eval_size(n, world, phase)
+        index = torch.arange(rank, n, world, device=loader.device)
+        return InMemoryLoader(
+            *(t.index_select(0, index) for t in loader.tensors),
+            batch_size=loader.batch_size,
+            shuffle=loader.shuffle,
+            seed=loader.seed,
+            drop_last=loader.drop_last,
+            rank=0,
+            world_size=1,
+        )
+
+    # -- stop agreement -------------------------------------------------------------
+
+    def _agree_on_stop(self, trainer: Trainer, state: State) -> None:
+        """All-reduce whether each rank wants to stop; if any does, every rank requests it."""
+        if state.world_size < 2:
+            return
+        flag = self._flag
+        flag.fill_(1 if state.stop_requested else 0)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self._flag_group)
+        wanting = int(flag.item())  # a CPU tensor: no device sync
+        if wanting in (0, state.world_size):
+            return
+        reasons: list[Any] = [None] * state.world_size
+        dist.all_gather_object(reasons, state.stop_reason if state.stop_requested else None, self._flag_group)
+        if not state.stop_requested:
+            first = next(r for r, reason in enumerate(reasons) if reason is not None)
+            trainer.request_stop(f"{reasons[first]} (on rank {first})")
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_fit_start(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """After every plugin's ``on_fit_start``: agree on a stop requested there."""
+        result = yield
+        self._agree_on_stop(trainer, state)
+        return result
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_train_batch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """After every other plugin saw the batch: at a step boundary, agree on stopping."""
+        result = yield
+        if state.micro_step == 0:
+            self._agree_on_stop(trainer, state)
+        return result
+
+    @hookimpl
+    def compute_metrics(self, trainer: Trainer, state: State) -> None:
+        """At an epoch's end, before the Trainer decides whether to validate: agree on stopping.
+
+        (The non-finite check at the epoch's end may have requested a stop on one rank.)
+        Reports no metrics.
+        """
+        if state.run is RunKind.FIT:
+            self._agree_on_stop(trainer, state)
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_train_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """After every plugin's ``on_train_epoch_end``: agree on a stop requested there."""
+        result = yield
+        self._agree_on_stop(trainer, state)
+        return result
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_eval_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """After every plugin's ``on_eval_epoch_end`` in fit (early stopping): agree on stopping."""
+        result = yield
+        if state.run is RunKind.FIT:
+            self._agree_on_stop(trainer, state)
+        return result
+
+    # -- teardown ---------------------------------------------------------------
+
+    @hookimpl(trylast=True)
+    def on_teardown(self, trainer: Trainer) -> None:
+        """Give ``trainer.model`` back unwrapped; destroy the groups this plugin created."""
+        if self._wrapped is not None:
+            trainer.model, self._wrapped = self._wrapped, None
+        try:
+            if self._created_group and dist.is_initialized():
+                dist.destroy_process_group()
+            elif self._own_flag_group and self._flag_group is not None and dist.is_initialized():
+                dist.destroy_process_group(self._flag_group)
+        except Exception as exc:  # pragma: no cover - never hide the run's own error
+            warnings.warn(f"dltrain: destroying the process group failed: {exc!r}", stacklevel=2)
+        finally:
+            self._created_group, self._own_flag_group, self._flag_group = False, False, None
+
+
+def _plain_random(sampler: object) -> bool:
+    """A ``RandomSampler`` that draws each sample once per epoch (what ``shuffle=True`` makes)."""
+    if type(sampler) is not RandomSampler:
+        return False
+    return not sampler.replacement and sampler.num_samples == len(sampler.data_source)
+
+
+def _check_eval_size(n: int, world: int, phase: Phase) -> None:
+    if n < world:
+        raise DataError(
+            f"the {phase.value} data has {n} sample(s), fewer than the {world} processes: every process "
+            f"needs at least one. Use more samples or fewer processes (torchrun --nproc-per-node)"
+        )
+
+
+def make_plugin(config: TrainerConfig) -> DistributedPlugin | None:
+    """The factory the plugin manager calls: a plugin only under torchrun or an initialised group."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised and not (dist.is_available() and launched_by_torchrun()):
+        return None
+    return DistributedPlugin()

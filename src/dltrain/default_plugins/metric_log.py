@@ -1,0 +1,337 @@
+"""Built-in plugin ``metric_log``: every run keeps its metrics in a folder, no server needed.
+
+With ``TrainerConfig.run_dir`` set (default ``runs``), a Trainer's first
+``fit``, ``validate`` or ``test`` creates a new folder under it, named after
+the local time (``runs/2026-11-28_13-05-12``, with ``_1``, ``_2``, ... added
+when two runs start in the same second), and writes:
+
+- ``config.json``: the :class:`~dltrain.TrainerConfig` of the run, at start.
+- ``metrics.jsonl``: one JSON object per line, each with a ``kind``:
+
+  - ``"step"``, every ``log_every_n_steps`` optimizer steps: ``epoch``,
+    ``step``, ``train_loss`` (the mean over the interval's micro-batches,
+    summed on the device and read once per interval) and ``lr``;
+  - ``"epoch"``, after each epoch (and its validation): ``epoch``, ``step``
+    and all the epoch's metrics (``train_loss``, ``val_accuracy``, ...);
+  - ``"validate"`` / ``"test"``, after a standalone evaluation: its metrics;
+  - ``"resume"``: the ``step`` at which a fit resumed from a checkpoint continued.
+
+  Every row also has ``time``, seconds of running since the folder was created.
+
+A fit resumed from a checkpoint (``fit(..., resume=...)``) continues the
+folder the checkpoint came from when it still exists: the rows the
+interrupted run wrote after the checkpoint's step are dropped, a
+``"resume"`` row is added, and the log goes on, so it reads as one run.
+
+Later ``validate``/``test`` calls of the same Trainer append to the same
+folder; a second ``fit`` starts a new one. The folder of the current run is
+``trainer.plugin_manager.get_plugin("metric_log").run_path``. Only rank 0
+writes. Rows are flushed at every epoch end and the file is closed at
+teardown. :func:`dltrain.plot.plot_run` draws the curves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
+
+from dltrain._markers import hookimpl
+from dltrain.errors import ConfigError
+from dltrain.state import RunKind
+
+if TYPE_CHECKING:
+    from dltrain.config import TrainerConfig
+    from dltrain.state import State, StepOutput
+    from dltrain.trainer import Trainer
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "MetricLogPlugin", "RunningMean", "new_run_path", "read_metrics"]
+
+#: Name of the file of metric rows inside a run folder.
+METRICS_FILE = "metrics.jsonl"
+#: Name of the file holding the run's TrainerConfig inside a run folder.
+CONFIG_FILE = "config.json"
+
+
+def new_run_path(root: Path) -> Path:
+    """Create and return a new folder under ``root`` named after the local time.
+
+    ``root/2026-11-28_13-05-12``, or ``..._1``, ``..._2`` when that exists
+    (creation is atomic, so two processes never get the same folder).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for i in range(10_000):
+        candidate = root / (stamp if i == 0 else f"{stamp}_{i}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise ConfigError(f"could not create a new run folder under {str(root)!r}: 10000 names are taken")
+
+
+def _json_value(value: Any) -> Any:
+    # JSON has no NaN/inf: write them as strings so every line stays valid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunningMean:
+    """The mean of scalar tensors (losses), kept on their device until it is read.
+
+    :meth:`add` costs one ``detach`` and a list append (no host sync, no
+    kernel launch); every ``fold_every`` values are summed on the device so the
+    list stays short. :meth:`read` makes the one host sync and starts over.
+    """
+
+    __slots__ = ("_count", "_fold_every", "_pending", "_sum")
+
+    def __init__(self, fold_every: int = 256) -> None:
+        self._pending: list[torch.Tensor] = []
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._fold_every = fold_every
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, value: torch.Tensor) -> None:
+        """Add one scalar tensor (its graph is not kept)."""
+        self._pending.append(value.detach())
+        self._count += 1
+        if len(self._pending) >= self._fold_every:
+            self._fold()
+
+    def _fold(self) -> torch.Tensor | None:
+        if self._pending:
+            part = torch.stack(self._pending).to(torch.float64).sum()
+            self._sum = part if self._sum is None else self._sum + part
+            self._pending.clear()
+        return self._sum
+
+    def read(self, reset: bool = True) -> float | None:
+        """The mean so far as a float (one host sync), or None when empty; then start over."""
+        total = self._fold()
+        mean = None if total is None or not self._count else float(total) / self._count
+        if reset:
+            self._sum, self._count = None, 0
+        return mean
+
+
+def _truncate_after(path: Path, step: int) -> float:
+    """Drop the rows logged after ``step`` (by the run that was interrupted); the last kept ``time``."""
+    kept: list[str] = []
+    last_time = 0.0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if isinstance(row.get("step"), int) and row["step"] > step:
+            continue
+        kept.append(line)
+        if isinstance(row.get("time"), (int, float)):
+            last_time = float(row["time"])
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return last_time
+
+
+def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run folder's ``metrics.jsonl``, with ``"nan"``/``"inf"`` strings as floats.
+
+    A last line cut short (a run killed while writing) is skipped.
+    """
+    rows: list[dict[str, Any]] = []
+    path = Path(run_path) / METRICS_FILE
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows.append({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in row.items()})
+    return rows
+
+
+class MetricLogPlugin:
+    """Writes ``config.json`` and ``metrics.jsonl`` to a new folder under ``run_dir``.
+
+    Args:
+        run_dir: The folder that holds one subfolder per run.
+        log_every_n_steps: Interval of the ``"step"`` rows, in optimizer steps.
+        config: The TrainerConfig to store as ``config.json``; None stores
+            the Trainer's own config.
+
+    Attributes:
+        run_path: The folder of the current run, as an absolute path, set when
+            a run starts (None before).
+    """
+
+    name = "metric_log"
+
+    def __init__(
+        self, run_dir: str | Path, log_every_n_steps: int = 50, config: TrainerConfig | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.log_every_n_steps = log_every_n_steps
+        self.run_path: Path | None = None
+        self._config = config
+        self._file: IO[str] | None = None
+        self._t0 = 0.0
+        self._loss = RunningMean()
+        self._pending: dict[str, Any] | None = None
+        self._resume_from: Path | None = None
+
+    @property
+    def metrics_path(self) -> Path | None:
+        """The ``metrics.jsonl`` of the current run (None before a run starts)."""
+        return None if self.run_path is None else self.run_path / METRICS_FILE
+
+    # -- files -----------------------------------------------------------------
+
+    def _open(self, trainer: Trainer, state: State) -> None:
+        if not state.is_global_zero:
+            return
+        self._close()
+        resumed = self._resume_from
+        self._resume_from = None
+        if state.run is RunKind.FIT and resumed is not None and (resumed / METRICS_FILE).is_file():
+            self.run_path = resumed
+            self._t0 = time.monotonic() - _truncate_after(resumed / METRICS_FILE, state.global_step)
+        elif state.run is RunKind.FIT or self.run_path is None:
+            self.run_path = new_run_path(self.run_dir).absolute()
+            self._t0 = time.monotonic()
+            resumed = None
+        # else: an evaluation after a run of this Trainer appends to its folder
+        if state.run is RunKind.FIT or not (self.run_path / CONFIG_FILE).exists():
+            config = self._config if self._config is not None else trainer.config
+            (self.run_path / CONFIG_FILE).write_text(
+                json.dumps(config.to_json_dict(), indent=2) + "\n", encoding="utf-8"
+            )
+        self._file = (self.run_path / METRICS_FILE).open("a", encoding="utf-8")
+        self._loss = RunningMean()
+        if resumed is not None:
+            self._write({"kind": "resume", "step": state.global_step}, flush=True)
+
+    def _write(self, row: dict[str, Any], *, flush: bool = False) -> None:
+        f = self._file
+        if f is None:
+            return
+        row["time"] = round(time.monotonic() - self._t0, 3)
+        f.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+        if flush:
+            f.flush()
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            row, self._pending = self._pending, None
+            self._write(row, flush=True)
+
+    def _close(self) -> None:
+        self._flush_pending()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- run hooks ---------------------------------------------------------------
+
+    @hookimpl(tryfirst=True)
+    def on_fit_start(self, trainer: Trainer, state: State) -> None:
+        """Create the run folder (first, so other plugins can read ``run_path``)."""
+        self._open(trainer, state)
+
+    @hookimpl(tryfirst=True)
+    def on_validate_start(self, trainer: Trainer, state: State) -> None:
+        """Create the run folder, unless a fit of this Trainer already did."""
+        self._open(trainer, state)
+
+    @hookimpl(tryfirst=True)
+    def on_test_start(self, trainer: Trainer, state: State) -> None:
+        """Create the run folder, unless a fit of this Trainer already did."""
+        self._open(trainer, state)
+
+    @hookimpl
+    def on_teardown(self) -> None:
+        """Write a waiting epoch row and close the file (the run ended, maybe by an exception)."""
+        self._close()
+
+    # -- resume ------------------------------------------------------------------
+
+    @hookimpl
+    def state_dict(self) -> dict[str, Any] | None:
+        """The run folder, so a fit resumed from a checkpoint continues its metric log."""
+        return None if self.run_path is None else {"run_path": str(self.run_path)}
+
+    @hookimpl
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the checkpoint's run folder (if it still exists) when the fit starts."""
+        self._resume_from = Path(state_dict["run_path"])
+
+    # -- step rows -----------------------------------------------------------------
+
+    @hookimpl
+    def on_train_epoch_start(self) -> None:
+        """Write the previous epoch's row if it is still waiting (it did not validate)."""
+        self._flush_pending()
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer, state: State, output: StepOutput) -> None:
+        """Sum the loss on the device; write a step row every ``log_every_n_steps`` steps."""
+        if self._file is None:
+            return
+        if output.loss is not None:
+            self._loss.add(output.loss)
+        # micro_step is 0 right after an optimizer step.
+        if state.micro_step != 0 or state.global_step % self.log_every_n_steps != 0:
+            return
+        row: dict[str, Any] = {"kind": "step", "epoch": state.epoch + 1, "step": state.global_step}
+        mean = self._loss.read()  # the one host sync of the interval
+        if mean is not None:
+            row["train_loss"] = mean
+        optimizer = trainer.optimizer
+        if optimizer is not None and optimizer.param_groups:
+            lr = optimizer.param_groups[0].get("lr")
+            if isinstance(lr, (int, float)):
+                row["lr"] = float(lr)
+        self._write(row)
+
+    # -- epoch rows ------------------------------------------------------------------
+
+    @hookimpl
+    def on_train_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Keep the epoch's row until its validation, if any, has run."""
+        if self._file is not None:
+            self._pending = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step, **metrics}
+
+    @hookimpl
+    def on_eval_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Write the epoch's row with its validation metrics, or a standalone evaluation's row."""
+        if self._file is None:
+            return
+        if state.run is RunKind.FIT:
+            if self._pending is None:  # resumed between an epoch's training and its validation
+                self._pending = {
+                    "kind": "epoch",
+                    "epoch": state.epoch + 1,
+                    "step": state.global_step,
+                    **state.metrics,
+                }
+            self._pending.update(metrics)
+            self._flush_pending()
+        elif metrics:
+            self._write({"kind": state.run.value, **metrics}, flush=True)
+
+
+def make_plugin(config: TrainerConfig) -> MetricLogPlugin | None:
+    """The factory the plugin manager calls: a metric log under ``config.run_dir``, or None."""
+    if config.run_dir is None:
+        return None
+    return MetricLogPlugin(config.run_dir, config.log_every_n_steps)
