@@ -251,11 +251,6 @@ def test_a_rank_that_raises_fails_the_whole_job_promptly(tmp_path: Path) -> None
 
 @needs_distributed
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="examples/mnist/train.py prints the batch count of the whole loader ([300/600]) and the "
-    "accuracy line in every process; its fix counts the prepared data and prints on rank 0 only",
-)
 def test_the_mnist_example_runs_under_torchrun_unchanged(mnist_real_dir: Path) -> None:
     script = ROOT / "examples" / "mnist" / "train.py"
     if not script.is_file():

@@ -255,3 +255,34 @@ def test_train_and_plain_pytorch_print_the_same_lines_on_real_mnist(
     losses, accuracy = _check_lines(dltrain_run.stdout, epochs=epochs, batches=600, test_images=10000)
     assert 1.4 < losses[0] < 1.8  # the tutorial's first epoch: ~1.61
     assert accuracy > (85.0 if epochs == 2 else 75.0)  # ~86.8 % after 2 epochs, ~79.8 % after 1
+
+
+def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
+    mnist_fake_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def train(*options: str) -> dict[str, object]:
+        parser = train_script.build_train_parser()
+        args = parser.parse_args(
+            [
+                "--data-dir",
+                str(mnist_fake_dir),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "20",
+                "--loader",
+                "memory",
+                *list(options),
+            ]
+        )
+        return train_script.run(args)
+
+    straight = train("--epochs", "3")
+    straight_lines = capsys.readouterr().out.splitlines()
+    checkpoints = str(tmp_path / "ckpt")
+    train("--epochs", "1", "--checkpoint-dir", checkpoints)  # the run that was "interrupted"
+    capsys.readouterr()
+    resumed = train("--epochs", "3", "--checkpoint-dir", checkpoints, "--resume", "last")
+    resumed_lines = capsys.readouterr().out.splitlines()
+    assert resumed_lines == straight_lines[1:]  # epochs 2 and 3, and the accuracy line, the same
+    assert resumed["accuracy"] == straight["accuracy"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import torch.nn as nn
@@ -34,6 +34,14 @@ class TutorialEpochLine:
 
     def __init__(self, num_batches: int) -> None:
         self.num_batches = num_batches
+
+    @dltrain.hookimpl(wrapper=True)
+    def prepare_data(self, data: Any, phase: dltrain.Phase) -> Generator[None, Any, Any]:
+        # Under torchrun each process trains on its shard: count the batches it gets.
+        result = yield
+        if phase is dltrain.Phase.TRAIN:
+            self.num_batches = len(data if result is None else result)
+        return result
 
     @dltrain.hookimpl
     def on_train_epoch_end(self, state: dltrain.State, metrics: Mapping[str, float]) -> None:
@@ -69,24 +77,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         seed=args.seed,
     )
+    checkpoint_dir = getattr(args, "checkpoint_dir", None)
     trainer = dltrain.Trainer(
         max_epochs=args.epochs,
         device=args.device,
         seed=None,
         progress="off",  # the plugin prints the tutorial's lines instead
         run_dir=None,  # the tutorial writes no files
-        # --checkpoint-dir (to come): checkpoint=dltrain.CheckpointConfig(dir=args.checkpoint_dir).
+        # A checkpoint after every epoch (and at Ctrl-C or SIGTERM) when asked for.
+        checkpoint={"dir": checkpoint_dir} if checkpoint_dir else None,
         plugins=[TutorialEpochLine(num_batches=len(loaders.train))],
     )
-    # --resume (to come): trainer.fit(..., resume=args.resume).
-    history = trainer.fit(model, loaders.train, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss())
+    history = trainer.fit(
+        model,
+        loaders.train,
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(),
+        resume=getattr(args, "resume", None),
+    )
 
     test_metrics = trainer.test(model, loaders.test)
     total = loaders.test_size
     # test_accuracy is correct / total in float64: the count comes back exactly.
     correct = round(test_metrics["test_accuracy"] * total)
     accuracy = 100 * correct / total
-    print(f"Accuracy of the network on the {total} test images: {accuracy} %", flush=True)
+    if trainer.state is not None and trainer.state.is_global_zero:  # one line under torchrun
+        print(f"Accuracy of the network on the {total} test images: {accuracy} %", flush=True)
     return {
         "history": history,
         "test_metrics": test_metrics,
@@ -98,9 +114,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options and run; the exit status (2 for missing data, a bad device, ...)."""
+    return run_main(run, build_train_parser().parse_args(argv))
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The shared options, plus those only train.py has: checkpoints and resume."""
     parser = build_parser("Train the tutorial's MNIST network with dltrain.")
-    # Options only train.py has (--checkpoint-dir, --resume, to come) are added here.
-    return run_main(run, parser.parse_args(argv))
+    ckpt = parser.add_argument_group("checkpoints")
+    ckpt.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save a checkpoint after every epoch (and on Ctrl-C or SIGTERM) in this directory",
+    )
+    ckpt.add_argument(
+        "--resume",
+        default=None,
+        metavar="last|best|PATH",
+        help="continue from a checkpoint: 'last' in --checkpoint-dir, or a checkpoint's path; "
+        "--epochs counts the epochs of the whole run",
+    )
+    return parser
 
 
 if __name__ == "__main__":
