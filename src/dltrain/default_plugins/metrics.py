@@ -52,30 +52,16 @@ def looks_like_classification(outputs: Any, targets: Any) -> bool:
     )
 
 
-_FLUSH_EVERY = 64  # batches buffered before their values are folded into the sums
-
-
 class _Sums:
-    """Device-resident sums of one epoch, fed through small per-step buffers.
+    """Device-resident sums of one epoch, updated in place every batch.
 
-    A step only appends the detached loss and the predicted classes to
-    lists (one tensor op: ``argmax``); every ``_FLUSH_EVERY`` batches, and
-    before the sums are read, the buffers are folded in with a few batched
-    ops. Nothing here reads a value on the host.
+    Each batch adds with one or two small in-place ops and nothing is read on
+    the host. (Buffering the batches' tensors and folding them in every few
+    batches was measured slower: holding the tensors defeats the allocator's
+    reuse of their memory.)
     """
 
-    __slots__ = (
-        "correct",
-        "count",
-        "custom",
-        "loss",
-        "loss_count",
-        "losses",
-        "odd_losses",
-        "preds",
-        "targets",
-        "usual_bs",
-    )
+    __slots__ = ("correct", "count", "custom", "loss", "loss_count")
 
     def __init__(self, device: torch.device, n_custom: int) -> None:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -83,40 +69,6 @@ class _Sums:
         self.custom = torch.zeros(n_custom, dtype=torch.float64, device=device)
         self.count = 0
         self.loss_count = 0
-        self.usual_bs = 0  # the batch size of most batches: their losses share one weight
-        self.losses: list[torch.Tensor] = []
-        self.odd_losses: list[tuple[torch.Tensor, int]] = []
-        self.preds: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
-
-    def add_loss(self, loss: torch.Tensor, batch_size: int) -> None:
-        if not self.usual_bs:
-            self.usual_bs = batch_size
-        if batch_size == self.usual_bs:
-            self.losses.append(loss)
-        else:
-            self.odd_losses.append((loss, batch_size))
-        self.loss_count += batch_size
-
-    def flush(self) -> None:
-        # Sums made during evaluation are inference tensors: update them in inference mode
-        # (which may also update ordinary tensors in place).
-        with torch.inference_mode():
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.losses:
-            self.loss.add_(torch.stack(self.losses).to(torch.float64).sum(), alpha=self.usual_bs)
-            self.losses.clear()
-        for loss, batch_size in self.odd_losses:
-            self.loss.add_(loss.to(torch.float64), alpha=batch_size)
-        self.odd_losses.clear()
-        if self.preds:
-            preds = torch.cat([p.reshape(-1) for p in self.preds])
-            targets = torch.cat([t.reshape(-1) for t in self.targets])
-            self.correct.add_((preds == targets).sum())
-            self.preds.clear()
-            self.targets.clear()
 
 
 class MetricsPlugin:
@@ -190,7 +142,8 @@ class MetricsPlugin:
         bs = output.batch_size
         sums.count += bs
         if output.loss is not None and self._report_loss:
-            sums.add_loss(output.loss.detach(), bs)
+            sums.loss.add_(output.loss.detach(), alpha=bs)
+            sums.loss_count += bs
         outputs, targets = output.outputs, output.targets
         if targets is None:
             return
@@ -199,10 +152,7 @@ class MetricsPlugin:
                 self._accuracy == "auto" and looks_like_classification(outputs, targets)
             )
         if self._classify:
-            sums.preds.append(outputs.argmax(-1))  # integer result: no autograd graph
-            sums.targets.append(targets)
-        if len(sums.preds) >= _FLUSH_EVERY or len(sums.losses) >= _FLUSH_EVERY:
-            sums.flush()
+            sums.correct.add_((outputs.argmax(-1) == targets).sum())  # integer ops: no autograd graph
         for i, fn in enumerate(self._fns.values()):
             sums.custom[i].add_(torch.as_tensor(fn(outputs.detach(), targets)).detach(), alpha=bs)
         for metric in self._stateful.values():
@@ -226,7 +176,6 @@ class MetricsPlugin:
         sums = self._sums
         if sums is None:
             return None
-        sums.flush()
         counts = torch.tensor([sums.count, sums.loss_count], dtype=torch.float64, device=sums.loss.device)
         packed = torch.cat(
             [sums.loss.reshape(1), sums.correct.to(torch.float64).reshape(1), sums.custom, counts]
@@ -256,7 +205,6 @@ class MetricsPlugin:
         sums = self._sums
         if sums is None:
             return None
-        sums.flush()
         loss, correct, custom = sums.loss.detach(), sums.correct.detach(), sums.custom.detach()
         count, loss_count = sums.count, sums.loss_count
         state = trainer.state
