@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -82,3 +84,35 @@ def test_compile_wraps_the_model_with_torch_compile(monkeypatch: pytest.MonkeyPa
     )
     assert compiled == [model]
     assert trainer.model._orig_mod is model
+
+
+@pytest.mark.slow
+def test_bf16_trains_the_mnist_mlp_to_the_float32_accuracy_band(mnist_real_dir: Any) -> None:
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "mnist"
+    sys.path.insert(0, str(example))
+    try:
+        from mnist_data import make_loaders
+        from mnist_model import Net
+    finally:
+        sys.path.remove(str(example))
+
+    accuracy = {}
+    for precision in ("32", "bf16-mixed"):
+        dltrain.seed_everything(0)
+        model = Net()
+        loaders = make_loaders(mnist_real_dir, download=False, loader="memory", batch_size=100, seed=0)
+        trainer = dltrain.Trainer(
+            max_epochs=2, device="cpu", precision=precision, progress="off", run_dir=None
+        )
+        trainer.fit(
+            model,
+            loaders.train,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            loss_fn=torch.nn.CrossEntropyLoss(),
+        )
+        accuracy[precision] = trainer.test(model, loaders.test)["test_accuracy"]
+    assert accuracy["32"] > 0.86  # the tutorial's model after 2 epochs: 86.8 %
+    assert abs(accuracy["bf16-mixed"] - accuracy["32"]) < 0.005
