@@ -36,9 +36,8 @@ class RoundTrip:
         for name, first in list(manager.call_each("state_dict", trainer=trainer)):
             if first is None or name == "RoundTrip":
                 continue
-            (impl,) = [i for i in manager.hook.load_state_dict.get_hookimpls() if i.plugin_name == name]
-            arguments = {"trainer": trainer, "state_dict": first}
-            impl.function(*[arguments[a] for a in impl.argnames])  # as pluggy calls it
+            load = dict(manager.each_impl("load_state_dict"))[name]
+            load(trainer=trainer, state_dict=first)
             again = dict(manager.call_each("state_dict", trainer=trainer))[name]
             self.checked[name] = same(first, again)
 

@@ -287,18 +287,31 @@ class PluginManager:
         """Whether any plugin implements ``hook_name``."""
         return bool(getattr(self._pm.hook, hook_name).get_hookimpls())
 
+    def each_impl(self, hook_name: str) -> Iterator[tuple[str, Callable[..., Any]]]:
+        """Each plugin's implementation of ``hook_name`` as ``(plugin_name, call)``, in call order.
+
+        ``call(**kwargs)`` calls that one implementation as pluggy would (with
+        the arguments it names). Used for the hooks in :data:`PER_PLUGIN_HOOKS`,
+        whose results or arguments belong to one plugin.
+        """
+        caller = getattr(self._pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                continue
+
+            def call(_impl: Any = impl, **kwargs: Any) -> Any:
+                return _impl.function(*[kwargs[a] for a in _impl.argnames])
+
+            yield impl.plugin_name, call
+
     def call_each(self, hook_name: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Call ``hook_name`` on each implementing plugin separately, in call order.
 
         Yields ``(plugin_name, result)``. Used where results belong to one
         plugin (metric names, checkpoint state), so they can be attributed.
         """
-        caller = getattr(self._pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):
-            if impl.hookwrapper or impl.wrapper:
-                continue
-            args = [kwargs[a] for a in impl.argnames]
-            yield impl.plugin_name, impl.function(*args)
+        for name, call in self.each_impl(hook_name):
+            yield name, call(**kwargs)
 
     # -- errors ------------------------------------------------------------
 

@@ -280,7 +280,7 @@ class Trainer:
             p.grad = grads[name].to(p.device) if name in grads else None
         self.history.load_state_dict(payload["history"])
         saved_plugins = payload.get("plugins", {})
-        for name, impl in self._state_loaders():
+        for name, impl in self.plugin_manager.each_impl("load_state_dict"):
             if name in saved_plugins:
                 impl(trainer=self, state_dict=saved_plugins[name])
 
@@ -299,15 +299,6 @@ class Trainer:
         if self.state is None:
             raise DltrainError("no run in progress: state_dict/load_state_dict work during fit (from hooks)")
         return self.state
-
-    def _state_loaders(self) -> Iterator[tuple[str, Any]]:
-        caller = self.plugin_manager.hook.load_state_dict
-        for impl in reversed(caller.get_hookimpls()):
-
-            def call(_impl: Any = impl, **kw: Any) -> Any:
-                return _impl.function(*[kw[a] for a in _impl.argnames])
-
-            yield impl.plugin_name, call
 
     def _resume(self, resume: str, *, strict: bool) -> None:
         from dltrain.checkpoint import compare_for_resume, load_for_resume
@@ -353,7 +344,7 @@ class Trainer:
             yield
         except BaseException as exc:
             error = self._explain(exc, state)
-            for name, impl in self._each_exception_impl():
+            for name, impl in self.plugin_manager.each_impl("on_exception"):
                 try:
                     impl(trainer=self, state=state, exception=error)
                 except Exception as inner:  # keep going: every plugin gets to clean up
@@ -363,15 +354,6 @@ class Trainer:
             raise error from exc
         finally:
             self._hooks.call("on_teardown", trainer=self, state=state)
-
-    def _each_exception_impl(self) -> Iterator[tuple[str, Any]]:
-        caller = self.plugin_manager.hook.on_exception
-        for impl in reversed(caller.get_hookimpls()):
-
-            def call(_impl: Any = impl, **kw: Any) -> Any:
-                return _impl.function(*[kw[a] for a in _impl.argnames])
-
-            yield impl.plugin_name, call
 
     def _explain(self, exc: BaseException, state: State) -> BaseException:
         """Say where ``exc`` came from: a third-party plugin's hook, or user code at a step."""
