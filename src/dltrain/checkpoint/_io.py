@@ -26,7 +26,7 @@ import os
 import pickle
 import signal
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -125,26 +125,37 @@ def _commit(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def _write_atomically(final: Path, write: Callable[[IO[bytes]], object], *, fault: str, step: int) -> None:
+    """The one crash-safe write: a temp file beside ``final``, flushed and fsynced, then
+    ``os.replace`` and an fsync of the directory. On any error the temp file is removed."""
+    tmp = _tmp_path(final)
+    try:
+        with open(tmp, "wb") as raw:
+            write(raw)
+            raw.flush()
+            os.fsync(raw.fileno())
+        maybe_fault(fault, step)
+        _commit(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_payload(payload: Mapping[str, Any], final: Path, *, step: int) -> tuple[str, int]:
     """Write ``payload`` with ``torch.save`` to ``final`` atomically and durably.
 
     Returns:
         The sha256 (hex) and size in bytes of the file written.
     """
-    tmp = _tmp_path(final)
-    try:
-        with open(tmp, "wb") as raw:
-            writer = _HashingWriter(raw)
-            torch.save(dict(payload), cast(IO[bytes], writer))  # it only calls write/flush
-            raw.flush()
-            os.fsync(raw.fileno())
-        maybe_fault("payload-tmp", step)
-        _commit(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    writers: list[_HashingWriter] = []
+
+    def write(raw: IO[bytes]) -> None:
+        writers.append(_HashingWriter(raw))
+        torch.save(dict(payload), cast(IO[bytes], writers[0]))  # it only calls write/flush
+
+    _write_atomically(final, write, fault="payload-tmp", step=step)
     maybe_fault("payload", step)
-    return writer.sha256.hexdigest(), writer.size
+    return writers[0].sha256.hexdigest(), writers[0].size
 
 
 def _manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -162,17 +173,7 @@ def write_manifest(manifest: Mapping[str, Any], final: Path, *, step: int) -> di
     data = dict(manifest)
     data["manifest_sha256"] = _manifest_digest(data)
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    tmp = _tmp_path(final)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        maybe_fault("manifest-tmp", step)
-        _commit(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomically(final, lambda raw: raw.write(text.encode("utf-8")), fault="manifest-tmp", step=step)
     return data
 
 
