@@ -221,7 +221,7 @@ class Loop:
         on_start, on_end = h.get("on_train_batch_start"), h.get("on_train_batch_end")
         on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
         step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
-        device, autocast, scaler = state.device, self.autocast, self.scaler
+        scaler = self.scaler
         length, limit = _length(data), cfg.limit_train_batches
         last_idx = (min(length, limit) if limit is not None else length) if length is not None else limit
         last_idx = None if last_idx is None else last_idx - 1
@@ -229,15 +229,7 @@ class Loop:
         for batch_idx, batch in enumerate(batches, start):
             seen += 1
             state.batch_idx = batch_idx
-            if transfer is not None:
-                batch = transfer(trainer=trainer, state=state, batch=batch, device=device)
-            if on_start is not None:
-                on_start(trainer=trainer, state=state, batch=batch)
-            if autocast is None:
-                raw = step_hook(trainer=trainer, state=state, model=model, batch=batch)
-            else:
-                with autocast():
-                    raw = step_hook(trainer=trainer, state=state, model=model, batch=batch)
+            batch, raw = self._run_batch(batch, transfer, on_start, step_hook, model)
             output = _as_step_output(raw, batch)
             loss = output.loss
             assert loss is not None
@@ -270,6 +262,19 @@ class Loop:
         if self.nonfinite.policy == "skip":  # shown with the epoch's metrics, so skips are seen
             state.metrics["train_skipped_steps"] = float(state.skipped_steps)
         return completed and not state.stop_requested
+
+    def _run_batch(self, batch: Any, transfer: Any, on_start: Any, step: Any, model: Any) -> tuple[Any, Any]:
+        """Move a batch to the device, call its batch-start hook, run its step (under autocast
+        when mixed precision is on); the same for training and evaluation batches."""
+        trainer, state = self.trainer, self.state
+        if transfer is not None:
+            batch = transfer(trainer=trainer, state=state, batch=batch, device=state.device)
+        if on_start is not None:
+            on_start(trainer=trainer, state=state, batch=batch)
+        if self.autocast is None:
+            return batch, step(trainer=trainer, state=state, model=model, batch=batch)
+        with self.autocast():
+            return batch, step(trainer=trainer, state=state, model=model, batch=batch)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
         cfg, state, trainer = self.config, self.state, self.trainer
@@ -343,21 +348,12 @@ class Loop:
         h.call("on_eval_epoch_start", trainer=trainer, state=state)
         transfer, step = h.get("transfer_batch"), h.get("eval_step")
         on_start, on_end = h.get("on_eval_batch_start"), h.get("on_eval_batch_end")
-        autocast = self.autocast
         with torch.inference_mode():
             for batch_idx, batch in enumerate(data):
                 if limit is not None and batch_idx >= limit:
                     break
                 state.batch_idx = batch_idx
-                if transfer is not None:
-                    batch = transfer(trainer=trainer, state=state, batch=batch, device=state.device)
-                if on_start is not None:
-                    on_start(trainer=trainer, state=state, batch=batch)
-                if autocast is None:
-                    output = step(trainer=trainer, state=state, model=model, batch=batch)
-                else:
-                    with autocast():
-                        output = step(trainer=trainer, state=state, model=model, batch=batch)
+                batch, output = self._run_batch(batch, transfer, on_start, step, model)
                 if not isinstance(output, StepOutput):
                     raise StepError(
                         f"eval_step returned {type(output).__name__}; it must return a StepOutput"
