@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +140,19 @@ def plain_accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
 
 
 class EpochTimer:
-    """A plugin that times each training epoch, from its start hook to its end hook."""
+    """A plugin that times each training epoch, from its start hook to its end hook.
+
+    Args:
+        after_epoch: Called after each epoch's time is taken (outside the timed
+            window): e.g. an epoch of another variant, so the two run side by side.
+    """
 
     name = "bench_epoch_timer"
 
-    def __init__(self) -> None:
+    def __init__(self, after_epoch: Callable[[], None] | None = None) -> None:
         self.times: list[float] = []
         self._start = 0.0
+        self._after_epoch = after_epoch
 
     @dltrain.hookimpl(tryfirst=True)
     def on_train_epoch_start(self) -> None:
@@ -155,6 +161,8 @@ class EpochTimer:
     @dltrain.hookimpl(trylast=True)
     def on_train_epoch_end(self) -> None:
         self.times.append(time.perf_counter() - self._start)
+        if self._after_epoch is not None:
+            self._after_epoch()
 
 
 def median(values: Sequence[float]) -> float:

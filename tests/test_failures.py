@@ -608,7 +608,7 @@ def test_ctrl_c_during_validation_stops_after_that_validation(default_handlers: 
         fit(trainer, val=True)
     assert trainer.state is not None and trainer.state.global_step == 8
     assert [sorted(row) for row in trainer.history.epochs] == [
-        ["epoch", "train_accuracy", "train_loss", "val_accuracy", "val_loss"]
+        ["epoch", "train_loss", "val_accuracy", "val_loss"]
     ]
 
 

@@ -93,6 +93,32 @@ def test_each_fit_gets_its_own_folder_even_in_the_same_second(tmp_path: Path) ->
     assert a != b and b.name.startswith(a.name)
 
 
+def test_runs_started_in_the_same_second_get_the_next_free_suffix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as real_datetime
+
+    from dltrain.default_plugins import metric_log
+
+    class FrozenClock(real_datetime.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return real_datetime.datetime(2026, 11, 28, 13, 5, 12)
+
+    monkeypatch.setattr(metric_log.datetime, "datetime", FrozenClock)
+    root = tmp_path / "runs"
+    names = [new_run_path(root).name for _ in range(4)]
+    assert names == [
+        "2026-11-28_13-05-12",
+        "2026-11-28_13-05-12_1",
+        "2026-11-28_13-05-12_2",
+        "2026-11-28_13-05-12_3",
+    ]
+    (root / "2026-11-28_13-05-12_9").mkdir()  # e.g. made by another process
+    (root / "2026-11-28_13-05-12_x").mkdir()  # not a suffix: ignored
+    assert new_run_path(root).name == "2026-11-28_13-05-12_10"
+
+
 def test_a_standalone_evaluation_gets_a_folder_too() -> None:
     trainer = make_trainer()
     trainer.validate(tiny_model(), tiny_loader(), loss_fn=torch.nn.CrossEntropyLoss())

@@ -276,3 +276,54 @@ def test_your_own_instance_of_an_installed_plugin_replaces_the_autoloaded_one(in
     trainer = make_trainer(plugins=[mine])
     assert trainer.get_plugin("hello") is mine
     assert {p.name: p.source for p in trainer.plugin_manager.plugins()}["hello"] == "user"
+
+
+def test_plain_hook_implementations_are_called_directly_with_pluggys_semantics() -> None:
+    """The loop's direct calls give what pluggy's dispatch gives: order, results, first result."""
+    seen: list[str] = []
+
+    def plugin(name: str, answer: Any, **marks: bool) -> Any:
+        class Impl:
+            @hookimpl(**marks)
+            def on_train_epoch_start(self) -> None:
+                seen.append(name)
+
+            @hookimpl(**marks)
+            def compute_metrics(self) -> Any:
+                return {f"m_{name}": 1.0} if answer else None
+
+            @hookimpl(**marks)
+            def transfer_batch(self, batch: Any) -> Any:
+                seen.append(f"transfer:{name}")
+                return answer
+
+        impl = Impl()
+        impl.name = name  # type: ignore[attr-defined]
+        return impl
+
+    plugins = [plugin("a", "A"), plugin("b", None), plugin("c", "C", tryfirst=True), plugin("d", None)]
+    trainer = dltrain.Trainer(progress="off", run_dir=None, autoload_plugins=False, plugins=plugins)
+    manager = trainer.plugin_manager
+    trainer._hooks.refresh()
+    relay = manager.hook
+    for name, kwargs in [
+        ("on_train_epoch_start", {"trainer": trainer, "state": None}),
+        ("compute_metrics", {"trainer": trainer, "state": None}),
+        ("transfer_batch", {"trainer": trainer, "state": None, "batch": 1, "device": torch.device("cpu")}),
+    ]:
+        seen.clear()
+        caller = trainer._hooks.get(name)
+        assert caller is not getattr(relay, name)  # no wrappers here: called without pluggy
+        direct = caller(**kwargs)
+        direct_order = list(seen)
+        seen.clear()
+        through_pluggy = getattr(relay, name)(**kwargs)
+        if name == "compute_metrics":  # built-in metrics and distributed may answer too
+            through_pluggy = [r for r in through_pluggy if r]
+            direct = [r for r in direct if r]
+        assert direct == through_pluggy and direct_order == seen, name
+    seen.clear()
+    assert (
+        trainer._hooks.call_first("transfer_batch", trainer=trainer, state=None, batch=1, device=None) == "C"
+    )
+    assert seen == ["transfer:c"]  # tryfirst answers first and stops the rest

@@ -22,7 +22,13 @@ def test_bf16_autocast_runs_the_step_in_bfloat16_and_learns() -> None:
 
     model = tiny_model()
     history = dltrain.Trainer(
-        max_epochs=8, precision="bf16-mixed", device="cpu", progress="off", run_dir=None, plugins=[Probe()]
+        max_epochs=8,
+        precision="bf16-mixed",
+        device="cpu",
+        progress="off",
+        run_dir=None,
+        train_accuracy=True,
+        plugins=[Probe()],
     ).fit(
         model,
         tiny_loader(samples=256),
@@ -52,7 +58,13 @@ def test_fp16_on_cpu_is_refused_with_the_alternative() -> None:
 def test_fp16_with_grad_scaler_on_cuda() -> None:
     model = tiny_model()
     history = dltrain.Trainer(
-        max_epochs=5, precision="16-mixed", device="cuda", gradient_clip_val=1.0, progress="off", run_dir=None
+        max_epochs=5,
+        precision="16-mixed",
+        device="cuda",
+        gradient_clip_val=1.0,
+        progress="off",
+        run_dir=None,
+        train_accuracy=True,
     ).fit(
         model,
         tiny_loader(samples=256),

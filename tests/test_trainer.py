@@ -136,10 +136,28 @@ def test_a_regression_model_with_dict_batches_trains_through_a_step_plugin() -> 
 def test_default_step_understands_dict_batches_with_standard_keys() -> None:
     model = tiny_model()
     batches = [{"inputs": x, "targets": y} for x, y in tiny_loader()]
-    history = make_trainer().fit(
+    history = make_trainer(train_accuracy=True).fit(
         model, batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss()
     )
     assert "train_accuracy" in history
+
+
+def test_accuracy_is_reported_for_evaluation_and_for_training_only_when_asked() -> None:
+    def run(**config: Any) -> dltrain.History:
+        model = tiny_model()
+        return make_trainer(max_epochs=2, seed=0, **config).fit(
+            model,
+            tiny_loader(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(),
+            val_data=tiny_loader(),
+        )
+
+    default = run()
+    assert "train_accuracy" not in default and len(default["val_accuracy"]) == 2
+    asked = run(train_accuracy=True)
+    assert len(asked["train_accuracy"]) == 2 and asked["val_accuracy"] == default["val_accuracy"]
+    assert "val_accuracy" not in run(accuracy="never", train_accuracy=True)
 
 
 def test_epoch_metrics_are_sample_weighted_not_a_mean_of_batch_means() -> None:
@@ -302,7 +320,7 @@ def test_custom_metrics_callables_and_stateful_objects() -> None:
         return (outputs.topk(2, dim=1).indices == targets[:, None]).any(1).float().mean()
 
     model = tiny_model()
-    trainer = make_trainer(metrics={"top2": top2, "seen": CountingMetric()})
+    trainer = make_trainer(metrics={"top2": top2, "seen": CountingMetric()}, train_accuracy=True)
     history = trainer.fit(
         model,
         tiny_loader(samples=48),

@@ -164,6 +164,13 @@ class TrainerConfig(_Strict):
         default="auto",
         description="Report accuracy: when outputs look like class scores ('auto'), always, never.",
     )
+    train_accuracy: bool = Field(
+        default=False,
+        description=(
+            "Report accuracy for training epochs too (validation and test report it by default); "
+            "costs a few small tensor operations per step."
+        ),
+    )
     progress: Literal["auto", "bar", "line", "off"] = Field(
         default="auto",
         description="Progress display: a live bar in a terminal, one line per epoch, or none.",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,18 +64,32 @@ def new_run_path(root: Path) -> Path:
     """Create and return a new folder under ``root`` named after the local time.
 
     ``root/2026-11-28_13-05-12``, or ``..._1``, ``..._2`` when that exists
-    (creation is atomic, so two processes never get the same folder).
+    (creation is atomic, so two processes never get the same folder). After a
+    clash the next free suffix is read from the folder once, so many runs
+    started within one second cost one listing, not one attempt per run.
     """
     root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for i in range(10_000):
-        candidate = root / (stamp if i == 0 else f"{stamp}_{i}")
+    try:
+        (root / stamp).mkdir()
+        return root / stamp
+    except FileExistsError:
+        pass
+    prefix = stamp + "_"
+    taken = [
+        int(entry.name[len(prefix) :])
+        for entry in os.scandir(root)
+        if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit()
+    ]
+    start = max(taken, default=0) + 1
+    for i in range(start, start + 1000):  # another process may take names meanwhile
+        candidate = root / f"{prefix}{i}"
         try:
             candidate.mkdir()
         except FileExistsError:
             continue
         return candidate
-    raise ConfigError(f"could not create a new run folder under {str(root)!r}: 10000 names are taken")
+    raise ConfigError(f"could not create a new run folder under {str(root)!r}: 1000 names in a row are taken")
 
 
 def _json_value(value: Any) -> Any:

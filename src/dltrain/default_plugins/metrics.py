@@ -1,5 +1,10 @@
 """Built-in plugin ``metrics``: exact epoch loss, accuracy and custom metrics.
 
+Accuracy is reported for evaluation (validate, test) by default, and for
+training only when asked (``train_accuracy=True``): during training it is a
+running figure over batches seen in train mode (dropout on, weights moving),
+and it costs four small tensor operations per step, a tax on every short step.
+
 Values are accumulated on the device as sums and counts (never a mean of
 batch means, never a host sync per step) and turned into floats once per
 epoch by the Trainer. Under distributed training the sums and counts are
@@ -78,6 +83,8 @@ class MetricsPlugin:
         accuracy: ``"auto"`` reports accuracy when outputs and targets look
             like classification (see :func:`looks_like_classification`),
             ``"always"`` always, ``"never"`` never.
+        train_accuracy: Also report accuracy for training epochs (by default
+            only evaluation reports it).
         metrics: Extra metrics by name: a callable ``(outputs, targets) ->
             scalar tensor`` (the batch's mean value; the epoch value is the
             batch-size-weighted mean), or an object with torchmetrics'
@@ -92,12 +99,14 @@ class MetricsPlugin:
         accuracy: Literal["auto", "always", "never"] = "auto",
         metrics: Mapping[str, MetricFn | StatefulMetric] | None = None,
         *,
+        train_accuracy: bool = False,
         report_loss: bool = True,
         name: str = "metrics",
     ) -> None:
         self.name = name
         self._report_loss = report_loss
         self._accuracy = accuracy
+        self._train_accuracy = train_accuracy
         self._fns: dict[str, MetricFn] = {}
         self._stateful: dict[str, StatefulMetric] = {}
         for key, metric in (metrics or {}).items():
@@ -148,8 +157,10 @@ class MetricsPlugin:
         if targets is None:
             return
         if self._classify is None:
-            self._classify = self._accuracy == "always" or (
-                self._accuracy == "auto" and looks_like_classification(outputs, targets)
+            wanted = self._train_accuracy or state.phase is not Phase.TRAIN
+            self._classify = wanted and (
+                self._accuracy == "always"
+                or (self._accuracy == "auto" and looks_like_classification(outputs, targets))
             )
         if self._classify:
             sums.correct.add_((outputs.argmax(-1) == targets).sum())  # integer ops: no autograd graph
@@ -247,4 +258,4 @@ class MetricsPlugin:
 
 def make_plugin(config: TrainerConfig) -> MetricsPlugin:
     """The factory the plugin manager calls."""
-    return MetricsPlugin(accuracy=config.accuracy)
+    return MetricsPlugin(accuracy=config.accuracy, train_accuracy=config.train_accuracy)

@@ -4,7 +4,7 @@ Two displays, chosen by ``TrainerConfig.progress``:
 
 - ``"line"``: one plain line per epoch, and one per standalone evaluation::
 
-      epoch 3/10  train_loss 0.3121  train_accuracy 0.9102  val_loss 0.2933  val_accuracy 0.9150  (4.9 s)
+      epoch 3/10  train_loss 0.3121  val_loss 0.2933  val_accuracy 0.9150  (4.9 s)
 
   Nothing runs per step, so it costs nothing, and logs of CI jobs, files and
   notebooks hold one line per epoch.
@@ -60,7 +60,7 @@ def format_value(value: float) -> str:
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    """``train_loss 0.3121  train_accuracy 0.9102``: names and values, two spaces apart."""
+    """``train_loss 0.3121  val_accuracy 0.9102``: names and values, two spaces apart."""
     return "  ".join(f"{name} {format_value(value)}" for name, value in metrics.items())
 
 

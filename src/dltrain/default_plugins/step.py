@@ -133,6 +133,10 @@ def _loss_fix(loss_fn: Any, outputs: Any, targets: Any, exc: BaseException | Non
     return "check that loss_fn fits the model's outputs and the targets"
 
 
+def _where(state: State) -> str:
+    return f"at epoch {state.epoch + 1}, batch {state.batch_idx} ({state.phase.value})"
+
+
 def compute_loss(trainer: Trainer, state: State, outputs: Any, targets: Any) -> Any:
     """``trainer.loss_fn(outputs, targets)``, with a :class:`~dltrain.StepError` when they do not fit.
 
@@ -142,7 +146,6 @@ def compute_loss(trainer: Trainer, state: State, outputs: Any, targets: Any) -> 
             an element-wise loss would silently broadcast different shapes.
     """
     loss_fn = trainer.loss_fn
-    where = f"at epoch {state.epoch + 1}, batch {state.batch_idx} ({state.phase.value})"
     if (
         isinstance(loss_fn, _ELEMENTWISE_LOSSES)
         and isinstance(outputs, torch.Tensor)
@@ -151,7 +154,7 @@ def compute_loss(trainer: Trainer, state: State, outputs: Any, targets: Any) -> 
     ):
         raise StepError(
             f"loss_fn {type(loss_fn).__name__} got the model's outputs ({_describe(outputs)}) and targets "
-            f"({_describe(targets)}) {where}; it would broadcast them to a wrong loss. "
+            f"({_describe(targets)}) {_where(state)}; it would broadcast them to a wrong loss. "
             f"Fix: {_loss_fix(loss_fn, outputs, targets, None)}"
         )
     try:
@@ -161,7 +164,7 @@ def compute_loss(trainer: Trainer, state: State, outputs: Any, targets: Any) -> 
             raise
         raise StepError(
             f"loss_fn {type(loss_fn).__name__} failed on the model's outputs ({_describe(outputs)}) and the "
-            f"targets ({_describe(targets)}) {where}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            f"targets ({_describe(targets)}) {_where(state)}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
             f"Fix: {_loss_fix(loss_fn, outputs, targets, exc)}"
         ) from exc
 
