@@ -533,6 +533,7 @@ def test_ctrl_c_finishes_the_step_saves_and_raises_keyboard_interrupt(
         "compute_metrics",
         "on_train_epoch_end",
         "on_fit_end",
+        "gather_model_state",
         "state_dict",
         "on_exception",
         "on_teardown",

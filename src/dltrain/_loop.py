@@ -297,8 +297,10 @@ class Loop:
             else:
                 torch.nn.utils.clip_grad_value_(params, cfg.gradient_clip_val)
         skip, self.skip_step = self.skip_step, False
-        if not skip and scaler is None and self.nonfinite.policy == "skip":
-            skip = not self.nonfinite.grads_finite(params)  # a finite loss can have NaN gradients
+        if scaler is None and self.nonfinite.policy == "skip":
+            # A finite loss can have NaN gradients. Checked even after a local NaN loss: with
+            # sharded (FSDP) gradients the check is a collective every process must join.
+            skip = not self.nonfinite.grads_finite(params) or skip
         if skip:
             state.skipped_steps += 1
         else:

@@ -102,7 +102,11 @@ class NonFiniteGuard:
         named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
         loss_ok = torch.isfinite(losses)
         if named:
-            flags = torch.cat([loss_ok, _finite_flags([p.detach() for _, p in named], loss_ok.device)])
+            weights_ok = _finite_flags([p.detach() for _, p in named], loss_ok.device)
+            full_tensor = getattr(weights_ok, "full_tensor", None)  # FSDP-sharded weights: a DTensor
+            if callable(full_tensor):
+                weights_ok = full_tensor()  # every process's shards: all agree
+            flags = torch.cat([loss_ok, weights_ok])
         else:
             flags = loss_ok
         if bool(flags.all()):  # the one sync of a good window

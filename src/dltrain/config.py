@@ -146,6 +146,12 @@ class TrainerConfig(_Strict):
         default="auto",
         description="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N', 'mps'.",
     )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="How several processes (under torchrun) train: 'auto' and 'ddp' replicate the model "
+        "(DistributedDataParallel); 'fsdp' shards parameters, gradients and optimizer state (FSDP2 "
+        "fully_shard). One process trains as usual with any value.",
+    )
     precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
         default="32",
         description="'32' (float32), 'bf16-mixed' (autocast to bfloat16; CPU or CUDA), "

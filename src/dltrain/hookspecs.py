@@ -11,6 +11,7 @@ test, and drawn on the docs site)::
     select_device                       # first result wins
     on_setup                            # move / wrap the model
     prepare_data                        # first result wins; once per data argument
+    restore_model_state                 # first result wins; only when resuming
     load_state_dict                     # each plugin, only when resuming
     on_fit_start
     for each epoch:
@@ -44,6 +45,10 @@ still gets ``compute_metrics`` and ``on_train_epoch_end``, but no validation
 and no per-epoch scheduler step. ``validate``, ``test`` and ``predict`` call
 ``select_device``, ``on_setup``, ``prepare_data``, ``on_<run>_start``, one
 evaluation epoch as above, ``on_<run>_end`` and ``on_teardown``.
+
+Outside that order, :meth:`~dltrain.Trainer.state_dict` (every checkpoint
+save) calls :func:`gather_model_state` and then each plugin's
+:func:`state_dict`.
 
 Producers return values in one phase and consumers read them in the next
 (metrics are computed before ``on_*_epoch_end``, which checkpointing, early
@@ -377,4 +382,49 @@ def load_state_dict(trainer: Trainer, state_dict: dict[str, Any]) -> None:
     Called on each plugin separately at resume, before ``on_fit_start``,
     with what its :func:`state_dict` returned; not called for plugins with
     nothing saved.
+    """
+
+
+@hookspec(firstresult=True)
+def gather_model_state(trainer: Trainer, state: State) -> Mapping[str, Any] | None:
+    """Return the full state of the model and the optimizer for a checkpoint. **First result wins.**
+
+    Called by :meth:`~dltrain.Trainer.state_dict` (so at every checkpoint
+    save), before the plugins' :func:`state_dict`, in every process of a
+    distributed run: an implementation may use collectives. For a model whose
+    parameters are split across processes, the built-in ``distributed``
+    plugin answers (under ``strategy="fsdp"``): it gathers the full tensors
+    into rank 0's CPU memory.
+
+    Returns:
+        None to let the next implementation decide; when none answers, the
+        Trainer takes ``model.state_dict()``, ``optimizer.state_dict()`` and,
+        mid accumulation group, the gradients. Or a mapping with ``"model"``
+        (the plain model's state dict: its keys and full shapes),
+        ``"optimizer"`` (in the form of ``torch.optim.Optimizer.state_dict()``,
+        keyed by parameter index; None without an optimizer) and, when
+        ``state.micro_step`` is not 0, ``"grads"`` (parameter name to full
+        gradient). Rank 0's result is the one written; others may be empty.
+    """
+
+
+@hookspec(firstresult=True)
+def restore_model_state(trainer: Trainer, state: State, payload: Mapping[str, Any]) -> bool | None:
+    """Load a checkpoint's model, optimizer and gradients into the current run. **First result wins.**
+
+    Called by :meth:`~dltrain.Trainer.load_state_dict` (at resume, before
+    :func:`load_state_dict` and ``on_fit_start``), in every process, each
+    with the whole checkpoint. The built-in ``distributed`` plugin answers
+    for a model sharded with FSDP: it gives each process its part.
+
+    Args:
+        payload: The checkpoint's payload, as :func:`gather_model_state` (or the
+            Trainer's default) made it: ``payload["model"]``,
+            ``payload["optimizer"]``, and ``payload["grads"]`` when it was saved
+            mid accumulation group.
+
+    Returns:
+        True when this implementation restored the model, the optimizer and
+        the gradients; None to let the next implementation (in the end the
+        Trainer: ``load_state_dict`` on the model and optimizer) do it.
     """

@@ -227,16 +227,32 @@ class Trainer:
         """Everything needed to continue this run exactly: a checkpoint's payload.
 
         Holds only tensors and plain Python data, so it loads with
-        ``torch.load(weights_only=True)``.
+        ``torch.load(weights_only=True)``. The model and optimizer entries come
+        from the ``gather_model_state`` hook when a plugin answers it (the
+        ``distributed`` plugin does under FSDP, gathering the full tensors on
+        rank 0), else from their own ``state_dict()``.
         """
         state = self._require_state()
         run = self._require_loop()
+        parts = self._hooks.call_first("gather_model_state", trainer=self, state=state)
+        if parts is None:
+            model = unwrap_model(self.model)
+            parts = {
+                "model": model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            }
+            if state.micro_step:  # mid accumulation group: the partial gradients are state too
+                parts["grads"] = {
+                    name: p.grad.detach().clone()
+                    for name, p in model.named_parameters()
+                    if p.grad is not None
+                }
         loop = {**run.state_dict(), "batch_size": getattr(self._train_data, "batch_size", None)}
         data_state = getattr(self._train_data, "state_dict", None)
         payload: dict[str, Any] = {
             "format": 1,
-            "model": unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "model": parts["model"],
+            "optimizer": parts.get("optimizer"),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "loop": loop,
@@ -252,21 +268,28 @@ class Trainer:
             "world_size": state.world_size,
             "versions": _versions(),
         }
-        if state.micro_step:  # mid accumulation group: the partial gradients are state too
-            payload["grads"] = {
-                name: p.grad.detach().clone()
-                for name, p in unwrap_model(self.model).named_parameters()
-                if p.grad is not None
-            }
+        if state.micro_step and parts.get("grads") is not None:
+            payload["grads"] = parts["grads"]
         return payload
 
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
-        """Restore a payload made by :meth:`state_dict` into the current run."""
+        """Restore a payload made by :meth:`state_dict` into the current run.
+
+        The model, optimizer and gradients go through the ``restore_model_state``
+        hook when a plugin answers it (the ``distributed`` plugin does for a
+        model sharded with FSDP), else through their own ``load_state_dict``.
+        """
         run = self._require_loop()
-        model = unwrap_model(self.model)
-        model.load_state_dict(payload["model"])
-        if self.optimizer is not None and payload.get("optimizer") is not None:
-            self.optimizer.load_state_dict(payload["optimizer"])
+        state = self._require_state()
+        restored = self._hooks.call_first("restore_model_state", trainer=self, state=state, payload=payload)
+        if not restored:
+            model = unwrap_model(self.model)
+            model.load_state_dict(payload["model"])
+            if self.optimizer is not None and payload.get("optimizer") is not None:
+                self.optimizer.load_state_dict(payload["optimizer"])
+            grads = payload.get("grads") or {}
+            for name, p in model.named_parameters():
+                p.grad = grads[name].to(p.device) if name in grads else None
         if self.scheduler is not None and payload.get("scheduler") is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
         if run.scaler is not None and payload.get("scaler") is not None:
@@ -275,9 +298,6 @@ class Trainer:
         data_load = getattr(self._train_data, "load_state_dict", None)
         if payload.get("data") is not None and callable(data_load):
             data_load(payload["data"])
-        grads = payload.get("grads") or {}
-        for name, p in model.named_parameters():
-            p.grad = grads[name].to(p.device) if name in grads else None
         self.history.load_state_dict(payload["history"])
         saved_plugins = payload.get("plugins", {})
         for name, impl in self.plugin_manager.each_impl("load_state_dict"):
@@ -309,6 +329,7 @@ class Trainer:
             "config": self.config.to_json_dict(),
             "world_size": self._require_state().world_size,
             "batch_size": getattr(self._train_data, "batch_size", None),
+            # Full shapes, also for a model sharded with FSDP: a DTensor's shape is the whole tensor's.
             "model": {k: tuple(v.shape) for k, v in unwrap_model(self.model).state_dict().items()},
         }
         differences = compare_for_resume(payload, current)

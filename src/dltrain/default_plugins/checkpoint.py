@@ -266,12 +266,18 @@ class CheckpointPlugin:
 
 
 def _nonfinite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of floating-point parameters holding NaN or inf (one host sync in all)."""
+    """Names of floating-point parameters holding NaN or inf (one host sync in all).
+
+    For a model sharded with FSDP (DTensor parameters) the flags are reduced
+    across the processes, so every process gets the same answer.
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() or p.is_complex()]
     if not named:
         return []
     with torch.no_grad():
-        flags = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu()
+        flags = torch.stack([torch.isfinite(p).all() for _, p in named])
+        full_tensor = getattr(flags, "full_tensor", None)  # a DTensor: all processes' shards
+        flags = (full_tensor() if callable(full_tensor) else flags).cpu()
     return [n for (n, _), ok in zip(named, flags.tolist(), strict=True) if not ok]
 
 

@@ -1,4 +1,4 @@
-"""Built-in plugin ``distributed``: data-parallel training under ``torchrun``, no code change.
+"""Built-in plugin ``distributed``: data-parallel or sharded training under ``torchrun``, no code change.
 
 Registered only when the process was started by ``torchrun`` (the
 ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and ``MASTER_ADDR`` environment
@@ -10,15 +10,25 @@ initialised, so single-process runs pay nothing. In each run it:
   Gloo; with a timeout, so no collective waits forever), and gives each
   process the GPU of its local rank. The Trainer then reads ``state.rank``
   and ``state.world_size`` from the group.
-* ``on_setup`` (last): wraps the model in ``DistributedDataParallel`` for fit.
+* ``on_setup`` (a wrapper): for fit, by ``TrainerConfig.strategy``. ``"fsdp"``:
+  first, before any other plugin (the ``device`` plugin included), shards the
+  model with FSDP2 ``fully_shard`` (see :mod:`dltrain.default_plugins._fsdp`),
+  so each process moves only its shard to its device, and points the optimizer
+  at the sharded parameters. ``"auto"``/``"ddp"``: last, after every other
+  plugin changed the model, wraps it in ``DistributedDataParallel``.
 * ``prepare_data``: gives each process its shard. A plain ``DataLoader`` is
   rebuilt with a ``DistributedSampler`` for training (every sample once per
   epoch, shuffled per epoch when the original shuffled) and a
   :class:`ShardSampler` for evaluation (no padding, so metrics are exact);
-  an :class:`~dltrain.data.InMemoryLoader` is re-sharded the same way.
+  an :class:`~dltrain.data.InMemoryLoader` is re-sharded the same way. With a
+  sharded (FSDP) model, evaluation batches end together in every process
+  (:class:`~dltrain.default_plugins._fsdp.EvenBatches`).
+* ``gather_model_state`` / ``restore_model_state``: under FSDP, checkpoints
+  hold the full model and optimizer state, as one process writes them.
 * keeps every stop decision the same on all ranks (see below).
 * ``on_teardown`` (last): unwraps the model and destroys the process group
-  if this plugin created it.
+  if this plugin created it (kept once it sharded a model: the model's
+  parameters live on it).
 
 **Stop agreement.** A stop (early stopping, a signal, ``on_nonfinite="stop"``,
 any plugin's ``request_stop``) may be requested on one rank only, but all
@@ -57,9 +67,11 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from dltrain._loop import unwrap_model
 from dltrain._markers import hookimpl
 from dltrain.data import InMemoryLoader
-from dltrain.errors import DataError, DeviceError
+from dltrain.default_plugins import _fsdp
+from dltrain.errors import ConfigError, DataError, DeviceError
 from dltrain.state import Phase, RunKind
 
 if TYPE_CHECKING:
@@ -148,7 +160,7 @@ def _loader_kwargs(loader: DataLoader[Any]) -> dict[str, Any]:
 
 
 class DistributedPlugin:
-    """Data-parallel training across the processes of a ``torchrun`` job.
+    """Data-parallel (DDP) or sharded (FSDP) training across the processes of a ``torchrun`` job.
 
     Args:
         seed: Base seed of the training ``DistributedSampler`` (epoch ``e``
@@ -156,7 +168,18 @@ class DistributedPlugin:
         timeout: How long a collective may wait for the other ranks before
             failing. None: ``$DLTRAIN_DIST_TIMEOUT`` seconds, else 10 minutes.
         ddp_kwargs: Extra arguments for ``DistributedDataParallel``, e.g.
-            ``{"find_unused_parameters": True}``.
+            ``{"find_unused_parameters": True}`` (used by strategy ``"auto"``/``"ddp"``).
+        fsdp_kwargs: Extra arguments for every ``fully_shard`` call, e.g.
+            ``{"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)}``
+            or ``{"reshard_after_forward": False}`` (used by strategy ``"fsdp"``).
+            Without ``mesh``, the mesh spans all processes on the run's device type.
+        shard_modules: Which submodules become FSDP units of their own (each is
+            gathered for its forward and backward only), before the root. None:
+            each child of the model that holds parameters, the items of a
+            ``ModuleList``/``ModuleDict`` child counting as children (so each
+            block of ``self.blocks = nn.ModuleList(...)`` is a unit). A module
+            class or classes (e.g. your transformer block): every submodule of
+            those classes. A function: called with the model, returns the modules.
         name: Plugin name. ``disable_plugins`` blocks a name, so an instance
             replacing the built-in needs another one.
 
@@ -170,12 +193,18 @@ class DistributedPlugin:
         seed: int | None = None,
         timeout: datetime.timedelta | None = None,
         ddp_kwargs: Mapping[str, Any] | None = None,
+        fsdp_kwargs: Mapping[str, Any] | None = None,
+        shard_modules: _fsdp.ShardModules | None = None,
         name: str = "distributed",
     ) -> None:
         self.name = name
         self._seed = seed
         self._timeout = timeout
         self._ddp_kwargs = dict(ddp_kwargs or {})
+        self._fsdp_kwargs = dict(fsdp_kwargs or {})
+        self._shard_modules = shard_modules
+        self._keep_group = False  # a model sharded on the group outlives the run
+        self._even_eval: Trainer | None = None  # set while a sharded model runs on several processes
         self._created_group = False
         self._flag_group: Any = None
         self._own_flag_group = False
@@ -246,24 +275,75 @@ class DistributedPlugin:
             self._flag_group = dist.new_group(backend="gloo", timeout=timeout)
             self._own_flag_group = True
 
-    @hookimpl(trylast=True)
-    def on_setup(self, trainer: Trainer, state: State) -> None:
-        """For fit, wrap the model in ``DistributedDataParallel`` (after every other plugin changed it).
+    @hookimpl(wrapper=True, tryfirst=True)
+    def on_setup(self, trainer: Trainer, state: State) -> Generator[None, Any, Any]:
+        """For fit: shard the model first (strategy "fsdp"), or wrap it in DDP last ("auto", "ddp").
 
-        DDP broadcasts rank 0's parameters and buffers, so all ranks start
-        equal. Evaluation runs (validate, test, predict) need no wrapper.
+        Sharding comes before every other plugin's ``on_setup``, the ``device``
+        plugin's move included, so no process ever holds the whole model on its
+        device; the optimizer is then pointed at the sharded parameters. DDP
+        wraps the model after every other plugin changed it, and broadcasts
+        rank 0's parameters and buffers, so all ranks start equal. Evaluation
+        runs (validate, test, predict) need neither; a model sharded by an
+        earlier fit stays sharded, and its evaluation batches are evened out.
+
+        Raises:
+            ConfigError: strategy "fsdp" on a torch without ``fully_shard``, or
+                strategy "ddp" with a model sharded already.
         """
-        self._wrapped = None
-        if state.run is not RunKind.FIT or state.world_size < 2:
-            return
-        model = trainer.model
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return
-        device_ids = [state.device.index] if state.device.type == "cuda" else None
-        trainer.model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, **self._ddp_kwargs
-        )
-        self._wrapped = model
+        self._wrapped, self._even_eval = None, None
+        fit = state.run is RunKind.FIT and state.world_size >= 2
+        model = unwrap_model(trainer.model)
+        sharded = _fsdp.is_sharded(model)
+        if fit and sharded and trainer.config.strategy == "ddp":
+            raise ConfigError(
+                "strategy='ddp', but the model is already sharded with fully_shard (by an earlier fit with "
+                "strategy='fsdp', or by you), so it cannot be wrapped in DistributedDataParallel; use "
+                "strategy='fsdp', or pass a model that is not sharded"
+            )
+        if fit and not sharded and trainer.config.strategy == "fsdp":
+            self._shard(trainer, state, model)
+            sharded = True
+        result = yield
+        if sharded:
+            self._keep_group = True
+            if state.world_size >= 2:
+                self._even_eval = trainer
+        elif fit and not isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
+            model = trainer.model
+            device_ids = [state.device.index] if state.device.type == "cuda" else None
+            trainer.model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, **self._ddp_kwargs
+            )
+            self._wrapped = model
+        return result
+
+    def _shard(self, trainer: Trainer, state: State, model: torch.nn.Module) -> None:
+        before = dict(model.named_parameters())
+        if trainer.optimizer is not None:  # refuse before the model is touched
+            _fsdp.check_swappable(trainer.optimizer, before)
+        _fsdp.shard(model, state.device, shard_modules=self._shard_modules, fsdp_kwargs=self._fsdp_kwargs)
+        if trainer.optimizer is not None:
+            _fsdp.swap_optimizer_params(trainer.optimizer, before, dict(model.named_parameters()))
+
+    # -- checkpoints (FSDP) -----------------------------------------------------------
+
+    @hookimpl
+    def gather_model_state(self, trainer: Trainer, state: State) -> dict[str, Any] | None:
+        """For a sharded model: the full model, optimizer and (mid group) gradients on rank 0; else None."""
+        model = unwrap_model(trainer.model)
+        if not _fsdp.is_sharded(model):
+            return None
+        return _fsdp.gather_full_state(model, trainer.optimizer, grads=state.micro_step > 0)
+
+    @hookimpl
+    def restore_model_state(self, trainer: Trainer, payload: Mapping[str, Any]) -> bool | None:
+        """For a sharded model: load the checkpoint's full tensors, each process keeping its shard."""
+        model = unwrap_model(trainer.model)
+        if not _fsdp.is_sharded(model):
+            return None
+        _fsdp.load_full_state(model, trainer.optimizer, payload)
+        return True
 
     # -- data -------------------------------------------------------------------
 
@@ -273,8 +353,17 @@ class DistributedPlugin:
 
         Training data is split into equal shards (so every rank makes the
         same number of steps); evaluation data into unpadded shards (so
-        metrics are exact). Predict keeps all data on every rank.
+        metrics are exact). Predict keeps all data on every rank. With a
+        sharded model, evaluation data is wrapped in :class:`~dltrain.default_plugins._fsdp.EvenBatches`.
         """
+        shard = self._shard_data(state, data, phase)
+        if self._even_eval is None or phase is Phase.TRAIN:
+            return shard
+        trainer = self._even_eval
+        group, limit = self._flag_group, trainer.config.limit_val_batches
+        return _fsdp.EvenBatches(data if shard is None else shard, trainer, state, group, limit)
+
+    def _shard_data(self, state: State, data: Any, phase: Phase) -> Any:
         world, rank = state.world_size, state.rank
         if world < 2 or phase is Phase.PREDICT:
             return None
@@ -411,11 +500,16 @@ class DistributedPlugin:
 
     @hookimpl(trylast=True)
     def on_teardown(self, trainer: Trainer) -> None:
-        """Give ``trainer.model`` back unwrapped; destroy the groups this plugin created."""
+        """Give ``trainer.model`` back unwrapped; destroy the groups this plugin created.
+
+        Once this plugin sharded a model (FSDP), the default group is kept for
+        the rest of the process: the model's parameters live on it.
+        """
+        self._even_eval = None
         if self._wrapped is not None:
             trainer.model, self._wrapped = self._wrapped, None
         try:
-            if self._created_group and dist.is_initialized():
+            if self._created_group and not self._keep_group and dist.is_initialized():
                 dist.destroy_process_group()
             elif self._own_flag_group and self._flag_group is not None and dist.is_initialized():
                 dist.destroy_process_group(self._flag_group)
