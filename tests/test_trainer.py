@@ -420,3 +420,32 @@ def test_resume_replays_the_order_of_a_dataloader_with_its_own_generator(tmp_pat
     straight = run(20, None)
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_on_step_metrics_gets_each_intervals_mean_loss_and_lr() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.calls: list[tuple[int, dict[str, float]]] = []
+
+        @dltrain.hookimpl
+        def on_train_batch_end(self, output: dltrain.StepOutput) -> None:
+            self.losses.append(float(output.loss))
+
+        @dltrain.hookimpl
+        def on_step_metrics(self, state: dltrain.State, metrics: dict[str, float]) -> None:
+            self.calls.append((state.global_step, dict(metrics)))
+
+    recorder = Recorder()
+    model = tiny_model()
+    make_trainer(max_epochs=2, log_every_n_steps=3, accumulate_grad_batches=2, plugins=[recorder]).fit(
+        model,
+        tiny_loader(samples=96, batch_size=8),  # 12 micro-batches, 6 optimizer steps per epoch
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+    assert [step for step, _ in recorder.calls] == [3, 6, 9, 12]
+    for i, (_, metrics) in enumerate(recorder.calls):
+        window = recorder.losses[6 * i : 6 * (i + 1)]  # 3 steps of 2 micro-batches
+        assert metrics["train_loss"] == pytest.approx(sum(window) / len(window), rel=1e-6)
+        assert metrics["lr"] == 0.05

@@ -15,6 +15,7 @@ import torch
 from dltrain._nonfinite import NonFiniteGuard
 from dltrain._precision import Precision
 from dltrain._rng import get_rng_state, set_rng_state
+from dltrain._running import RunningMean
 from dltrain.errors import DataError, DltrainError, PluginError, StepError
 from dltrain.state import Phase, State, StepOutput
 
@@ -81,6 +82,7 @@ class Loop:
         self.epoch_rng: dict[str, Any] | None = None  # RNG before iter(data): replays the data order
         self.resume_rng: dict[str, Any] | None = None  # RNG to restore once the data is replayed
         self.skip_step = False
+        self.step_window = RunningMean()  # losses since the last on_step_metrics call
 
     # -- resume ---------------------------------------------------------------
 
@@ -221,6 +223,7 @@ class Loop:
         on_start, on_end = h.get("on_train_batch_start"), h.get("on_train_batch_end")
         on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
         step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
+        on_log, window, log_every = h.get("on_step_metrics"), self.step_window, cfg.log_every_n_steps
         scaler = self.scaler
         length, limit = _length(data), cfg.limit_train_batches
         last_idx = (min(length, limit) if limit is not None else length) if length is not None else limit
@@ -250,6 +253,11 @@ class Loop:
                 self._optimizer_step(optimizer, state.micro_step)
             if on_end is not None:
                 on_end(trainer=trainer, state=state, batch=batch, output=output)
+            if on_log is not None:  # nobody logs: the interval is not tracked at all
+                if output.loss is not None:
+                    window.add(output.loss)
+                if state.micro_step == 0 and state.global_step % log_every == 0:
+                    on_log(trainer=trainer, state=state, metrics=self._step_metrics(optimizer))
             if state.micro_step == 0 and (self._step_limit_reached() or state.stop_requested):
                 completed = batch_idx == last_idx
                 break
@@ -318,6 +326,19 @@ class Loop:
             trainer.scheduler.step()
         if state.global_step % cfg.log_every_n_steps == 0:
             self.nonfinite.check(state, unwrap_model(trainer.model), trainer.request_stop)
+
+    def _step_metrics(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """The metrics of ``on_step_metrics``: the interval's mean loss (one host sync) and the lr."""
+        metrics: dict[str, float] = {}
+        mean = self.step_window.read()
+        if mean is not None:
+            metrics["train_loss"] = mean
+        lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+            lr = float(lr)
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            metrics["lr"] = float(lr)
+        return metrics
 
     def _step_scheduler_epoch(self) -> None:
         sched, state = self.trainer.scheduler, self.state

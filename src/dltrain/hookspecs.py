@@ -27,6 +27,7 @@ test, and drawn on the docs site)::
                 on_before_optimizer_step
                 # clip, optimizer.step(), zero_grad, scheduler (per step)
             on_train_batch_end
+            on_step_metrics             # every log_every_n_steps optimizer steps
         compute_metrics                 # all results merged -> train_* metrics
         # no validation this epoch: scheduler (per epoch), history row
         on_train_epoch_end              # reads the epoch's metrics
@@ -315,6 +316,26 @@ def on_train_batch_end(trainer: Trainer, state: State, batch: Any, output: StepO
         batch: The batch, on the device.
         output: The step's output; ``output.loss`` is the undivided loss.
             Accumulate it on the device: calling ``.item()`` here stalls CUDA every step.
+    """
+
+
+@hookspec
+def on_step_metrics(trainer: Trainer, state: State, metrics: Mapping[str, float]) -> None:
+    """Called every ``log_every_n_steps`` optimizer steps during fit, with that interval's metrics.
+
+    Called after the ``on_train_batch_end`` of the batch that completed the
+    step, in every process (log on rank 0: ``state.is_global_zero``). This is
+    the hook for loggers: the Trainer sums the interval's losses on the device
+    and reads them with one host sync per call, made once for all loggers, so
+    a logger implementing this hook (and not ``on_train_batch_end``) costs
+    nothing per step. When no plugin implements it, the Trainer does not
+    track the interval at all.
+
+    Args:
+        metrics: ``train_loss``: the mean loss of the micro-batches since the
+            previous call (batches skipped by ``on_nonfinite="skip"`` left out;
+            absent when all were); ``lr``: the first parameter group's learning
+            rate (absent without a numeric one). Floats, in this process.
     """
 
 

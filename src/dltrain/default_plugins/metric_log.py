@@ -9,8 +9,9 @@ when two runs start in the same second), and writes:
 - ``metrics.jsonl``: one JSON object per line, each with a ``kind``:
 
   - ``"step"``, every ``log_every_n_steps`` optimizer steps: ``epoch``,
-    ``step``, ``train_loss`` (the mean over the interval's micro-batches,
-    summed on the device and read once per interval) and ``lr``;
+    ``step`` and the metrics of the ``on_step_metrics`` hook, ``train_loss``
+    (the mean over the interval's micro-batches, summed on the device and
+    read once per interval for every logger) and ``lr``. Nothing runs per step;
   - ``"epoch"``, after each epoch (and its validation): ``epoch``, ``step``
     and all the epoch's metrics (``train_loss``, ``val_accuracy``, ...);
   - ``"validate"`` / ``"test"``, after a standalone evaluation: its metrics;
@@ -41,18 +42,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import torch
-
 from dltrain._markers import hookimpl
+from dltrain._running import RunningMean
 from dltrain.errors import ConfigError
 from dltrain.state import RunKind
 
 if TYPE_CHECKING:
     from dltrain.config import TrainerConfig
-    from dltrain.state import State, StepOutput
+    from dltrain.state import State
     from dltrain.trainer import Trainer
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "MetricLogPlugin", "RunningMean", "new_run_path", "read_metrics"]
+# RunningMean lives in dltrain._running; it is re-exported here, where plugins found it first.
 
 #: Name of the file of metric rows inside a run folder.
 METRICS_FILE = "metrics.jsonl"
@@ -99,48 +100,6 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-class RunningMean:
-    """The mean of scalar tensors (losses), kept on their device until it is read.
-
-    :meth:`add` costs one ``detach`` and a list append (no host sync, no
-    kernel launch); every ``fold_every`` values are summed on the device so the
-    list stays short. :meth:`read` makes the one host sync and starts over.
-    """
-
-    __slots__ = ("_count", "_fold_every", "_pending", "_sum")
-
-    def __init__(self, fold_every: int = 256) -> None:
-        self._pending: list[torch.Tensor] = []
-        self._sum: torch.Tensor | None = None
-        self._count = 0
-        self._fold_every = fold_every
-
-    def __len__(self) -> int:
-        return self._count
-
-    def add(self, value: torch.Tensor) -> None:
-        """Add one scalar tensor (its graph is not kept)."""
-        self._pending.append(value.detach())
-        self._count += 1
-        if len(self._pending) >= self._fold_every:
-            self._fold()
-
-    def _fold(self) -> torch.Tensor | None:
-        if self._pending:
-            part = torch.stack(self._pending).to(torch.float64).sum()
-            self._sum = part if self._sum is None else self._sum + part
-            self._pending.clear()
-        return self._sum
-
-    def read(self, reset: bool = True) -> float | None:
-        """The mean so far as a float (one host sync), or None when empty; then start over."""
-        total = self._fold()
-        mean = None if total is None or not self._count else float(total) / self._count
-        if reset:
-            self._sum, self._count = None, 0
-        return mean
-
-
 def _truncate_after(path: Path, step: int) -> float:
     """Drop the rows logged after ``step`` (by the run that was interrupted); the last kept ``time``."""
     kept: list[str] = []
@@ -181,7 +140,6 @@ class MetricLogPlugin:
 
     Args:
         run_dir: The folder that holds one subfolder per run.
-        log_every_n_steps: Interval of the ``"step"`` rows, in optimizer steps.
         config: The TrainerConfig to store as ``config.json``; None stores
             the Trainer's own config.
 
@@ -192,16 +150,12 @@ class MetricLogPlugin:
 
     name = "metric_log"
 
-    def __init__(
-        self, run_dir: str | Path, log_every_n_steps: int = 50, config: TrainerConfig | None = None
-    ) -> None:
+    def __init__(self, run_dir: str | Path, config: TrainerConfig | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.log_every_n_steps = log_every_n_steps
         self.run_path: Path | None = None
         self._config = config
         self._file: IO[str] | None = None
         self._t0 = 0.0
-        self._loss = RunningMean()
         self._pending: dict[str, Any] | None = None
         self._resume_from: Path | None = None
 
@@ -232,7 +186,6 @@ class MetricLogPlugin:
                 json.dumps(config.to_json_dict(), indent=2) + "\n", encoding="utf-8"
             )
         self._file = (self.run_path / METRICS_FILE).open("a", encoding="utf-8")
-        self._loss = RunningMean()
         if resumed is not None:
             self._write({"kind": "resume", "step": state.global_step}, flush=True)
 
@@ -298,25 +251,10 @@ class MetricLogPlugin:
         self._flush_pending()
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer, state: State, output: StepOutput) -> None:
-        """Sum the loss on the device; write a step row every ``log_every_n_steps`` steps."""
-        if self._file is None:
-            return
-        if output.loss is not None:
-            self._loss.add(output.loss)
-        # micro_step is 0 right after an optimizer step.
-        if state.micro_step != 0 or state.global_step % self.log_every_n_steps != 0:
-            return
-        row: dict[str, Any] = {"kind": "step", "epoch": state.epoch + 1, "step": state.global_step}
-        mean = self._loss.read()  # the one host sync of the interval
-        if mean is not None:
-            row["train_loss"] = mean
-        optimizer = trainer.optimizer
-        if optimizer is not None and optimizer.param_groups:
-            lr = optimizer.param_groups[0].get("lr")
-            if isinstance(lr, (int, float)):
-                row["lr"] = float(lr)
-        self._write(row)
+    def on_step_metrics(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Write a step row: every ``log_every_n_steps`` optimizer steps, the interval's metrics."""
+        if self._file is not None:
+            self._write({"kind": "step", "epoch": state.epoch + 1, "step": state.global_step, **metrics})
 
     # -- epoch rows ------------------------------------------------------------------
 
@@ -349,4 +287,4 @@ def make_plugin(config: TrainerConfig) -> MetricLogPlugin | None:
     """The factory the plugin manager calls: a metric log under ``config.run_dir``, or None."""
     if config.run_dir is None:
         return None
-    return MetricLogPlugin(config.run_dir, config.log_every_n_steps)
+    return MetricLogPlugin(config.run_dir)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from dltrain._markers import hookimpl
-from dltrain.default_plugins.metric_log import RunningMean
+from dltrain._running import RunningMean
 from dltrain.errors import ConfigError
 from dltrain.state import Phase, RunKind
 

@@ -43,10 +43,9 @@ import torch
 
 import dltrain
 from dltrain import RunKind
-from dltrain.default_plugins.metric_log import RunningMean
 
 if TYPE_CHECKING:
-    from dltrain import State, StepOutput, Trainer
+    from dltrain import State, Trainer
 
 __all__ = ["DEFAULT_EXPERIMENT", "MLflowPlugin"]
 
@@ -114,8 +113,6 @@ class MLflowPlugin:
         self.run_id: str | None = None
         self._client: Any = None
         self._active = False
-        self._every = 50
-        self._loss = RunningMean()
         self._fit_step = 0
         self._status = "FINISHED"
 
@@ -169,7 +166,6 @@ class MLflowPlugin:
         )
         self._client, self.tracking_uri, self.run_id = client, uri, run.info.run_id
         self._active = True
-        self._every = trainer.config.log_every_n_steps
         self._fit_step = 0
         self._status = "FINISHED"
         optimizer = trainer.optimizer
@@ -234,19 +230,13 @@ class MLflowPlugin:
     # -- values ----------------------------------------------------------------------
 
     @dltrain.hookimpl
-    def on_train_batch_end(self, trainer: Trainer, state: State, output: StepOutput) -> None:
-        """Sum the loss on the device; log it every ``log_every_n_steps`` optimizer steps."""
-        if not self._active or output.loss is None:
+    def on_step_metrics(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Log the interval's mean training loss (as ``train_loss_step``) and the learning rate."""
+        if not self._active:
             return
-        self._loss.add(output.loss)
-        if state.micro_step != 0 or state.global_step % self._every != 0:
-            return
-        mean = self._loss.read()  # one host sync per interval
-        metrics = {} if mean is None else {"train_loss_step": mean}
-        optimizer = trainer.optimizer
-        if optimizer is not None and optimizer.param_groups:
-            metrics["lr"] = float(optimizer.param_groups[0]["lr"])
-        self._log(metrics, state.global_step)
+        values = {"train_loss_step" if k == "train_loss" else k: v for k, v in metrics.items()}
+        if values:
+            self._log(values, state.global_step)
 
     @dltrain.hookimpl
     def on_train_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:

@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import dltrain
 from dltrain import RunKind
-from dltrain.default_plugins.metric_log import RunningMean
 
 if TYPE_CHECKING:
-    from dltrain import State, StepOutput, Trainer
+    from dltrain import State, Trainer
 
 __all__ = ["LOG_DIR_ENV", "TensorBoardPlugin", "metric_tag"]
 
@@ -94,8 +93,6 @@ class TensorBoardPlugin:
         self._setting = Path(log_dir) if log_dir is not None else None
         self.log_dir: Path | None = None
         self._writer: Any = None
-        self._every = 50
-        self._loss = RunningMean()
         self._initial_lr: float | None = None
         self._final: dict[str, float] = {}
         self._fit_step = 0  # the last step of this Trainer's fit: where later test metrics go
@@ -129,8 +126,6 @@ class TensorBoardPlugin:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
-        self._every = trainer.config.log_every_n_steps
-        self._loss = RunningMean()
 
     def _close(self) -> None:
         if self._writer is not None:
@@ -176,20 +171,15 @@ class TensorBoardPlugin:
     # -- values --------------------------------------------------------------------
 
     @dltrain.hookimpl
-    def on_train_batch_end(self, trainer: Trainer, state: State, output: StepOutput) -> None:
-        """Sum the loss on the device; write it every ``log_every_n_steps`` optimizer steps."""
+    def on_step_metrics(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Write the interval's mean training loss and the learning rate (every ``log_every_n_steps`` steps)."""
         writer = self._writer
-        if writer is None or output.loss is None:
+        if writer is None:
             return
-        self._loss.add(output.loss)
-        if state.micro_step != 0 or state.global_step % self._every != 0:
-            return
-        mean = self._loss.read()  # one host sync per interval
-        if mean is not None:
-            writer.add_scalar("loss/train_step", mean, state.global_step)
-        optimizer = trainer.optimizer
-        if optimizer is not None and optimizer.param_groups:
-            writer.add_scalar("lr", float(optimizer.param_groups[0]["lr"]), state.global_step)
+        if "train_loss" in metrics:
+            writer.add_scalar("loss/train_step", metrics["train_loss"], state.global_step)
+        if "lr" in metrics:
+            writer.add_scalar("lr", metrics["lr"], state.global_step)
 
     def _scalars(self, metrics: Mapping[str, float], state: State) -> None:
         if state.run is RunKind.FIT:
