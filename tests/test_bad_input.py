@@ -307,3 +307,17 @@ def test_a_config_file_that_does_not_exist(tmp_path: Path) -> None:
 def test_every_error_above_is_a_dltrain_error() -> None:
     for error in (StepError, DataError, DeviceError, CheckpointError, ConfigError):
         assert issubclass(error, DltrainError)
+
+
+def test_disabling_the_step_plugin_without_a_replacement_says_what_is_missing() -> None:
+    model = tiny_model()
+    trainer = dltrain.Trainer(disable_plugins=["step"], progress="off", run_dir=None, device="cpu")
+    with pytest.raises(dltrain.PluginError, match=r"no plugin implements training_step.*'step'"):
+        trainer.fit(
+            model,
+            tiny_loader(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(),
+        )
+    with pytest.raises(dltrain.PluginError, match="no plugin implements eval_step"):
+        trainer.validate(model, tiny_loader(), loss_fn=nn.CrossEntropyLoss())

@@ -224,6 +224,7 @@ class Loop:
         on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
         step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
         on_log, window, log_every = h.get("on_step_metrics"), self.step_window, cfg.log_every_n_steps
+        _require_step(step_hook, "training_step")
         scaler = self.scaler
         length, limit = _length(data), cfg.limit_train_batches
         last_idx = (min(length, limit) if limit is not None else length) if length is not None else limit
@@ -370,6 +371,7 @@ class Loop:
         state.batch_idx = 0
         h.call("on_eval_epoch_start", trainer=trainer, state=state)
         transfer, step = h.get("transfer_batch"), h.get("eval_step")
+        _require_step(step, "eval_step")
         on_start, on_end = h.get("on_eval_batch_start"), h.get("on_eval_batch_end")
         with torch.inference_mode():
             for batch_idx, batch in enumerate(data):
@@ -413,6 +415,15 @@ class Loop:
             values = torch.stack([t.detach().reshape(()).to(torch.float64).cpu() for t in tensors.values()])
             merged.update(zip(tensors, values.tolist(), strict=True))
         return {k: float(v) for k, v in merged.items()}
+
+
+def _require_step(caller: Any, hook: str) -> None:
+    """Raise a clear error when no plugin implements the step hook ``hook``."""
+    if caller is None:
+        raise PluginError(
+            f"no plugin implements {hook}, so there is nothing to run on a batch: the built-in 'step' "
+            f"plugin is disabled (disable_plugins). Keep it, or register a plugin with a {hook} hook"
+        )
 
 
 def _as_step_output(output: Any, batch: Any) -> StepOutput:
