@@ -71,6 +71,8 @@ def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False)
             return batch
         return batch.to(device, non_blocking=non_blocking and batch.is_pinned())
     if isinstance(batch, tuple):
+        if all(type(b) is torch.Tensor and b.device == device for b in batch):
+            return batch  # the usual case on the CPU, or data already on the device
         moved = [move_to_device(b, device, non_blocking) for b in batch]
         if hasattr(batch, "_fields"):  # named tuple
             return type(batch)(*moved)

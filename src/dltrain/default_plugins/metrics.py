@@ -164,10 +164,12 @@ class MetricsPlugin:
             )
         if self._classify:
             sums.correct.add_((outputs.argmax(-1) == targets).sum())  # integer ops: no autograd graph
-        for i, fn in enumerate(self._fns.values()):
-            sums.custom[i].add_(torch.as_tensor(fn(outputs.detach(), targets)).detach(), alpha=bs)
-        for metric in self._stateful.values():
-            metric.update(outputs.detach(), targets)
+        if self._fns:
+            for i, fn in enumerate(self._fns.values()):
+                sums.custom[i].add_(torch.as_tensor(fn(outputs.detach(), targets)).detach(), alpha=bs)
+        if self._stateful:
+            for metric in self._stateful.values():
+                metric.update(outputs.detach(), targets)
 
     @hookimpl
     def on_train_batch_end(self, state: State, output: StepOutput) -> None:

@@ -80,6 +80,8 @@ def batch_size_of(x: Any) -> int:
 
 
 def _call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    if type(inputs) is torch.Tensor:  # the usual case, without the Mapping ABC check
+        return model(inputs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
