@@ -422,6 +422,34 @@ def test_resume_replays_the_order_of_a_dataloader_with_its_own_generator(tmp_pat
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("with_validation", [False, True])
+def test_resume_at_an_epochs_end_continues_a_dataloaders_own_generator(
+    tmp_path: Any, with_validation: bool
+) -> None:
+    """A checkpoint at an epoch's end carries the loader's generator: the next epoch's shuffle
+    is the uninterrupted run's, not the loader's first one again."""
+
+    def run(max_epochs: int, resume: str | None) -> nn.Module:
+        model = tiny_model()
+        loader = tiny_loader(samples=64, batch_size=8, shuffle=True, seed=5)  # DataLoader(generator=...)
+        trainer = make_trainer(max_epochs=max_epochs, checkpoint={"dir": tmp_path / "ckpt"})
+        trainer.fit(
+            model,
+            loader,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            loss_fn=nn.CrossEntropyLoss(),
+            val_data=tiny_loader(samples=16, seed=1) if with_validation else None,
+            resume=resume,
+        )
+        return model
+
+    run(2, None)  # ends at an epoch boundary, with a checkpoint there
+    resumed = run(4, "last")
+    straight = run(4, None)
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_on_step_metrics_gets_each_intervals_mean_loss_and_lr() -> None:
     class Recorder:
         def __init__(self) -> None:

@@ -83,12 +83,21 @@ class Loop:
         self.resume_rng: dict[str, Any] | None = None  # RNG to restore once the data is replayed
         self.skip_step = False
         self.step_window = RunningMean()  # losses since the last on_step_metrics call
+        self.train_data: Iterable[Any] | None = None
+        self.resume_generators: list[torch.Tensor] | None = None  # the loader's own RNG at the save
 
     # -- resume ---------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The loop's position: counters, stage and the RNG that replays this epoch's data."""
-        return {**self.state.counters(), "stage": self.stage, "epoch_rng": self.epoch_rng}
+        """The loop's position: counters, stage, the RNG that replays this epoch's data, and the
+        training data's own generators now (to continue from an epoch's end)."""
+        generators = _data_generators(self.train_data) if self.train_data is not None else []
+        return {
+            **self.state.counters(),
+            "stage": self.stage,
+            "epoch_rng": self.epoch_rng,
+            "data_generators": [gen.get_state() for gen in generators],
+        }
 
     def load_state_dict(self, loop: dict[str, Any], rng: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict` (``rng`` is the RNG at saving)."""
@@ -97,12 +106,14 @@ class Loop:
         state.batch_idx, state.micro_step = int(loop["batch_idx"]), int(loop["micro_step"])
         state.skipped_steps = int(loop.get("skipped_steps", 0))
         self.stage, self.epoch_rng, self.resume_rng = loop["stage"], loop["epoch_rng"], rng
+        self.resume_generators = loop.get("data_generators")
 
     # -- fit ------------------------------------------------------------------
 
     def fit(self, train_data: Iterable[Any], val_data: Iterable[Any] | None) -> None:
         """Run epochs until a limit or a stop; see the order in :mod:`dltrain.hookspecs`."""
         state, trainer = self.state, self.trainer
+        self.train_data = train_data
         resuming = self.stage if self.resume_rng is not None else None
         if resuming == STAGE_DONE:
             state.epoch += 1
@@ -110,6 +121,11 @@ class Loop:
         if resuming != STAGE_TRAIN and self.resume_rng is not None:
             set_rng_state(self.resume_rng)  # mid-epoch, the data replay restores it instead
             self.resume_rng = None
+            # Between epochs the loader's own generator continues from where it was saved.
+            saved = self.resume_generators or []
+            for gen, gen_state in zip(_data_generators(train_data), saved, strict=False):
+                gen.set_state(gen_state)
+        self.resume_generators = None
         while not self._should_stop():
             validate_now = val_data is not None and self._validates(state.epoch)
             if resuming != STAGE_VALIDATE:
