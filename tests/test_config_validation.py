@@ -65,6 +65,23 @@ def inside_cwd_path(optional: bool) -> tuple[st.SearchStrategy[Any], st.SearchSt
     return valid, invalid
 
 
+def compile_setting() -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
+    """``compile``: a bool, or a mapping of CompileOptions fields (the backend is checked at run start)."""
+    options = st.fixed_dictionaries(
+        {},
+        optional={
+            "backend": st.sampled_from(["inductor", "aot_eager", "not-checked-until-a-run"]),
+            "mode": st.sampled_from([None, "default", "reduce-overhead", "max-autotune"]),
+            "fullgraph": st.booleans(),
+            "dynamic": st.none() | st.booleans(),
+        },
+    )
+    bad_options = st.sampled_from(
+        [{"backend": 1}, {"mode": "fast"}, {"fullgraph": "maybe"}, {"backnd": "inductor"}]
+    )
+    return st.booleans() | options, boolean()[1] | bad_options
+
+
 DEVICES_OK = ["auto", "cpu", "cuda", "cuda:0", "cuda:3", "mps"]
 DEVICES_BAD = ["tpu", "CPU", "cuda:", "cuda:x", "gpu", "", "cuda:0 ", "xla:0", "mps:0"]
 
@@ -86,7 +103,7 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "on_nonfinite": literal("raise", "skip", "stop"),
     "device": (st.sampled_from(DEVICES_OK), st.sampled_from(DEVICES_BAD) | st.integers() | st.none() | JUNK),
     "precision": literal("32", "bf16-mixed", "16-mixed"),
-    "compile": boolean(),
+    "compile": compile_setting(),
     "seed": (st.integers(0, 2**32) | st.none(), st.sampled_from(["seed", 1.5, ""]) | JUNK),
     "accuracy": literal("auto", "always", "never"),
     "progress": literal("auto", "bar", "line", "off"),

@@ -74,30 +74,6 @@ def test_fp16_with_grad_scaler_on_cuda() -> None:
     assert history["train_accuracy"][-1] > 0.8
 
 
-def test_compile_wraps_the_model_with_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    compiled: list[torch.nn.Module] = []
-
-    def fake_compile(model: torch.nn.Module) -> torch.nn.Module:
-        # Compiling for real takes minutes on 2 CPU cores; the wiring is what is tested here.
-        compiled.append(model)
-        wrapper = torch.nn.Module()
-        wrapper._orig_mod = model  # what torch.compile's OptimizedModule exposes
-        wrapper.forward = model.forward  # type: ignore[method-assign]
-        return wrapper
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    model = tiny_model()
-    trainer = dltrain.Trainer(compile=True, device="cpu", progress="off", run_dir=None)
-    trainer.fit(
-        model,
-        tiny_loader(),
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        loss_fn=torch.nn.CrossEntropyLoss(),
-    )
-    assert compiled == [model]
-    assert trainer.model._orig_mod is model
-
-
 @pytest.mark.slow
 def test_bf16_trains_the_mnist_mlp_to_the_float32_accuracy_band(mnist_real_dir: Any) -> None:
     import sys

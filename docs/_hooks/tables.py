@@ -25,9 +25,13 @@ _SPEC = re.compile(r"^def (?P<name>\w+)\(", re.M)
 
 
 def _models() -> dict[str, Any]:
-    from dltrain.config import CheckpointConfig, TrainerConfig
+    from dltrain.config import CheckpointConfig, CompileOptions, TrainerConfig
 
-    return {"TrainerConfig": TrainerConfig, "CheckpointConfig": CheckpointConfig}
+    return {
+        "TrainerConfig": TrainerConfig,
+        "CheckpointConfig": CheckpointConfig,
+        "CompileOptions": CompileOptions,
+    }
 
 
 def _type(schema: dict[str, Any]) -> str:

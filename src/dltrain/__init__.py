@@ -2,8 +2,8 @@
 
 Public names only; everything else is private. ``import dltrain`` loads
 torch and pluggy. The Trainer and the configuration (which need pydantic)
-load on first use of ``dltrain.Trainer``, ``dltrain.TrainerConfig`` or
-``dltrain.CheckpointConfig``, so plugin modules that only need
+load on first use of ``dltrain.Trainer``, ``dltrain.TrainerConfig``,
+``dltrain.CheckpointConfig`` or ``dltrain.CompileOptions``, so plugin modules that only need
 ``dltrain.hookimpl`` import fast; optional parts (torchvision, progress
 bars, plotting, loggers) load only when a run uses them.
 """
@@ -30,7 +30,7 @@ from dltrain.errors import (
 from dltrain.state import History, Phase, RunKind, State, StepOutput
 
 if TYPE_CHECKING:
-    from dltrain.config import CheckpointConfig, TrainerConfig
+    from dltrain.config import CheckpointConfig, CompileOptions, TrainerConfig
     from dltrain.trainer import Trainer
 
 # Public names whose modules need pydantic: loaded on first access (PEP 562).
@@ -38,6 +38,7 @@ _LAZY = {
     "Trainer": "dltrain.trainer",
     "TrainerConfig": "dltrain.config",
     "CheckpointConfig": "dltrain.config",
+    "CompileOptions": "dltrain.config",
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "CheckpointConfig",
     "CheckpointError",
+    "CompileOptions",
     "ConfigError",
     "DataError",
     "DeviceError",

@@ -1,4 +1,4 @@
-"""Validated configuration: :class:`TrainerConfig` and :class:`CheckpointConfig`.
+"""Validated configuration: :class:`TrainerConfig`, :class:`CheckpointConfig` and :class:`CompileOptions`.
 
 Every knob of a run lives here, checked by pydantic before anything happens:
 an unknown field, ``max_epochs=0`` or ``device="tpu"`` raise a
@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -24,6 +25,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -31,7 +33,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dltrain.errors import ConfigError
 
-__all__ = ["CheckpointConfig", "TrainerConfig", "load_config_file"]
+__all__ = ["CheckpointConfig", "CompileOptions", "TrainerConfig", "load_config_file"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -91,6 +93,39 @@ class CheckpointConfig(_Strict):
     )
     keep_best: NonNegativeInt = Field(
         default=1, description="How many of the best (by `monitor`) to keep as well."
+    )
+
+
+class CompileOptions(_Strict):
+    """How ``torch.compile`` compiles the model (``TrainerConfig.compile``).
+
+    The arguments of the same names of ``torch.compile``; ``compile=True``
+    means these defaults. The backend is checked when a run starts, not here
+    (listing the backends imports ``torch._dynamo``, which takes seconds): an
+    unknown one raises :class:`~dltrain.ConfigError` naming the available ones.
+    """
+
+    backend: str = Field(
+        default="inductor",
+        description="The torch.compile backend: 'inductor' (generates C++/Triton kernels), 'aot_eager' "
+        "(traces forward and backward, runs them eagerly: checks that the model compiles), or any "
+        "registered one (torch._dynamo.list_backends(exclude_tags=())).",
+    )
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
+        default=None,
+        description="Inductor's trade-off: 'reduce-overhead' and 'max-autotune' use CUDA graphs; "
+        "'max-autotune*' spend longer compiling for faster kernels. None: torch's default. "
+        "Backends other than inductor may ignore it.",
+    )
+    fullgraph: bool = Field(
+        default=False,
+        description="Fail at the first step if the forward cannot be captured as one graph, "
+        "instead of splitting it at the unsupported code.",
+    )
+    dynamic: bool | None = Field(
+        default=None,
+        description="Compile for dynamic shapes: True from the start, False never (recompile for each "
+        "new shape), None when a shape changes (such as a smaller last batch).",
     )
 
 
@@ -157,7 +192,11 @@ class TrainerConfig(_Strict):
         description="'32' (float32), 'bf16-mixed' (autocast to bfloat16; CPU or CUDA), "
         "'16-mixed' (autocast to float16 with a GradScaler; CUDA only).",
     )
-    compile: bool = Field(default=False, description="Apply torch.compile to the model.")
+    compile: bool | CompileOptions = Field(
+        default=False,
+        description="Run the model through torch.compile: true (the defaults), false, or CompileOptions "
+        "(backend, mode, fullgraph, dynamic).",
+    )
     seed: int | None = Field(
         default=None,
         ge=-(2**63),
@@ -209,6 +248,36 @@ class TrainerConfig(_Strict):
                 f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N' (N a number), 'mps'"
             )
         return value
+
+    @field_validator("compile", mode="wrap")
+    @classmethod
+    def _one_compile_error(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Report the errors of the form given (a mapping: its fields; else: not a bool), not both."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if not isinstance(value, (Mapping, CompileOptions)):
+                raise PydanticCustomError(
+                    "compile_type", "Input should be true, false or a mapping of CompileOptions fields"
+                ) from None
+            errors: list[InitErrorDetails] = [
+                {
+                    "type": PydanticCustomError(error["type"], error["msg"]),
+                    "loc": error["loc"][1:],  # without the tag of the union member
+                    "input": error["input"],
+                }
+                for error in exc.errors()
+                if error["loc"][:1] != ("bool",)
+            ]
+            if not errors:
+                raise
+            raise ValidationError.from_exception_data(exc.title, errors) from None
+
+    def compile_options(self) -> CompileOptions | None:
+        """The :class:`CompileOptions` of this run (``compile=True``: the defaults), or None."""
+        if isinstance(self.compile, CompileOptions):
+            return self.compile
+        return CompileOptions() if self.compile else None
 
     @model_validator(mode="after")
     def _default_length(self) -> TrainerConfig:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dltrain import _checks
+from dltrain._compile import Compiler, check_backend
 from dltrain._hooks import Hooks
 from dltrain._loop import Loop, unwrap_model
 from dltrain._plugin_manager import PluginManager
@@ -56,7 +57,9 @@ class Trainer:
         plugin_manager: This Trainer's plugins (see :meth:`get_plugin`, :meth:`explain_hooks`).
         history: Per-epoch metrics of the latest ``fit``.
         state: The :class:`~dltrain.State` of the latest or current run (None before any).
-        model: The model of the current run, possibly wrapped (DDP, compile) by ``on_setup``.
+        model: During a run, the model it trains or evaluates, possibly wrapped: in
+            DistributedDataParallel by ``on_setup``, then by ``torch.compile``
+            (``compile``). After the run, the module that was passed in.
         optimizer: The optimizer passed to ``fit``.
         scheduler: The LR scheduler passed to ``fit``, or None.
         loss_fn: The loss function of ``fit`` (or of ``validate``/``test``).
@@ -101,6 +104,7 @@ class Trainer:
         self._hooks = Hooks(self.plugin_manager)
         self._loop: Loop | None = None  # the current run's mechanics
         self._train_data: Any = None
+        self._compiler = Compiler()  # keeps the last run's compiled wrapper for the next run
 
     # ------------------------------------------------------------------ API
 
@@ -350,7 +354,11 @@ class Trainer:
         """Setup, exception reporting and teardown shared by every entry point."""
         self._hooks.refresh()
         self._loop = None
+        compiled, uncompiled = None, self.model
         try:
+            options = self.config.compile_options()
+            if options is not None:
+                check_backend(options.backend)
             if self.config.seed is not None:
                 seed_everything(self.config.seed)
             device = self._hooks.call_first("select_device", trainer=self, config=self.config)
@@ -360,8 +368,12 @@ class Trainer:
                 state.rank = torch.distributed.get_rank()
             self._hooks.call("on_setup", trainer=self, state=state)
             self._loop = Loop(self, state)
-            if self.config.compile and not hasattr(self.model, "_orig_mod"):
-                self.model = torch.compile(self.model)  # type: ignore[assignment]
+            if options is not None:
+                # After on_setup, keep this order: the model is on its device, and under DDP what
+                # is compiled is the DistributedDataParallel module, as torch recommends (dynamo
+                # splits the graph at DDP's buckets, so the all-reduces overlap the backward).
+                uncompiled = self.model
+                compiled = self.model = self._compiler.wrap(self.model, options)
             yield
         except BaseException as exc:
             error = self._explain(exc, state)
@@ -374,6 +386,9 @@ class Trainer:
                 raise
             raise error from exc
         finally:
+            if compiled is not None and self.model is compiled:
+                # The user's module again, as DDP unwrapping (in on_teardown) gives it back.
+                self.model = uncompiled
             self._hooks.call("on_teardown", trainer=self, state=state)
 
     def _explain(self, exc: BaseException, state: State) -> BaseException:
