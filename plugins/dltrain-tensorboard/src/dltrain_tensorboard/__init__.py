@@ -9,7 +9,7 @@ What it writes, with the global step (optimizer steps) on the x axis:
 
 - ``loss/train_step``: the mean training loss of every ``log_every_n_steps``
   steps (summed on the device, read once per interval), and ``lr``;
-- ``loss/train``, ``loss/val``, ``accuracy/train``, ``accuracy/val``, ...:
+- ``loss/train``, ``loss/val``, ``accuracy/val``, ...:
   every epoch metric, grouped by metric so train and validation sit side by side;
 - ``loss/test``, ...: the metrics of ``trainer.test`` / ``trainer.validate``;
 - the hyperparameters (the TrainerConfig, model and optimizer class, initial
