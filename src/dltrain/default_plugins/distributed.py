@@ -51,27 +51,19 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
-from torch.utils.data import (
-    DataLoader,
-    DistributedSampler,
-    IterableDataset,
-    RandomSampler,
-    Sampler,
-    SequentialSampler,
-)
 
 from dltrain._loop import unwrap_model
 from dltrain._markers import hookimpl
-from dltrain.data import InMemoryLoader
 from dltrain.default_plugins import _fsdp
-from dltrain.errors import ConfigError, DataError, DeviceError
+from dltrain.default_plugins._sharding import ShardSampler, shard_data
+from dltrain.errors import ConfigError, DeviceError
 from dltrain.state import Phase, RunKind
 
 if TYPE_CHECKING:
@@ -104,24 +96,6 @@ def launched_by_torchrun() -> bool:
     return all(os.environ.get(name) for name in TORCHRUN_ENV)
 
 
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` of ``num_samples``: one shard, without padding.
-
-    For evaluation: unlike ``DistributedSampler``, no sample is repeated to
-    even out the shards, so sums and counts all-reduced across ranks equal
-    those of one process. Shards may differ in length by one sample.
-    """
-
-    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
-        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
-
-
 def _timeout_from_env() -> datetime.timedelta:
     value = os.environ.get(TIMEOUT_ENV)
     if not value:
@@ -135,28 +109,6 @@ def _timeout_from_env() -> datetime.timedelta:
             f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds; e.g. {TIMEOUT_ENV}=600"
         )
     return datetime.timedelta(seconds=seconds)
-
-
-def _loader_kwargs(loader: DataLoader[Any]) -> dict[str, Any]:
-    """The settings of ``loader`` other than its dataset and sampling, to rebuild it."""
-    kwargs: dict[str, Any] = {
-        "batch_size": loader.batch_size,
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "drop_last": loader.drop_last,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-        "persistent_workers": loader.persistent_workers,
-        "prefetch_factor": loader.prefetch_factor,
-    }
-    if getattr(loader, "pin_memory_device", ""):
-        kwargs["pin_memory_device"] = loader.pin_memory_device
-    if hasattr(loader, "in_order"):
-        kwargs["in_order"] = loader.in_order
-    return kwargs
 
 
 class DistributedPlugin:
@@ -356,87 +308,12 @@ class DistributedPlugin:
         metrics are exact). Predict keeps all data on every rank. With a
         sharded model, evaluation data is wrapped in :class:`~dltrain.default_plugins._fsdp.EvenBatches`.
         """
-        shard = self._shard_data(state, data, phase)
+        shard = shard_data(data, state.rank, state.world_size, phase, seed=self._run_seed)
         if self._even_eval is None or phase is Phase.TRAIN:
             return shard
         trainer = self._even_eval
         group, limit = self._flag_group, trainer.config.limit_val_batches
         return _fsdp.EvenBatches(data if shard is None else shard, trainer, state, group, limit)
-
-    def _shard_data(self, state: State, data: Any, phase: Phase) -> Any:
-        world, rank = state.world_size, state.rank
-        if world < 2 or phase is Phase.PREDICT:
-            return None
-        if isinstance(data, InMemoryLoader):
-            return self._shard_in_memory(data, rank, world, phase=phase)
-        if type(data) is DataLoader:
-            if isinstance(data.sampler, (DistributedSampler, ShardSampler)):
-                return None  # sharded already
-            if (
-                not isinstance(data.dataset, IterableDataset)
-                and data.batch_size is not None
-                and (type(data.sampler) is SequentialSampler or _plain_random(data.sampler))
-            ):
-                return self._shard_loader(data, rank, world, phase=phase)
-        if rank == 0:
-            warnings.warn(
-                f"the {phase.value} data (a {type(data).__name__}) cannot be sharded automatically, so "
-                f"every one of the {world} processes uses all of it. Pass a DataLoader with the default "
-                f"sampler (shuffle=True or False), an InMemoryLoader, or give each rank its own shard "
-                f"(e.g. with torch.utils.data.DistributedSampler)",
-                stacklevel=2,
-            )
-        return None
-
-    def _shard_loader(
-        self, loader: DataLoader[Any], rank: int, world: int, *, phase: Phase
-    ) -> DataLoader[Any]:
-        dataset: Any = loader.dataset
-        sampler: Sampler[int]
-        if phase is Phase.TRAIN:
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=world,
-                rank=rank,
-                shuffle=isinstance(loader.sampler, RandomSampler),
-                seed=self._run_seed,
-            )
-        else:
-            n = len(dataset)
-            _check_eval_size(n, world, phase)
-            sampler = ShardSampler(n, rank, world)
-        return DataLoader(dataset, sampler=sampler, **_loader_kwargs(loader))
-
-    def _shard_in_memory(
-        self, loader: InMemoryLoader, rank: int, world: int, *, phase: Phase
-    ) -> InMemoryLoader | None:
-        if phase is Phase.TRAIN:
-            if loader.world_size == world and loader.rank == rank:
-                return None
-            # Made before the process group existed: shard it as it would have sharded itself.
-            sharded = InMemoryLoader(
-                *loader.tensors,
-                batch_size=loader.batch_size,
-                shuffle=loader.shuffle,
-                seed=loader.seed,
-                drop_last=loader.drop_last,
-                rank=rank,
-                world_size=world,
-            )
-            sharded.set_epoch(loader.epoch)
-            return sharded
-        n = loader.num_samples
-        _check_eval_size(n, world, phase)
-        index = torch.arange(rank, n, world, device=loader.device)
-        return InMemoryLoader(
-            *(t.index_select(0, index) for t in loader.tensors),
-            batch_size=loader.batch_size,
-            shuffle=loader.shuffle,
-            seed=loader.seed,
-            drop_last=loader.drop_last,
-            rank=0,
-            world_size=1,
-        )
 
     # -- stop agreement -------------------------------------------------------------
 
@@ -517,21 +394,6 @@ class DistributedPlugin:
             warnings.warn(f"dltrain: destroying the process group failed: {exc!r}", stacklevel=2)
         finally:
             self._created_group, self._own_flag_group, self._flag_group = False, False, None
-
-
-def _plain_random(sampler: object) -> bool:
-    """A ``RandomSampler`` that draws each sample once per epoch (what ``shuffle=True`` makes)."""
-    if type(sampler) is not RandomSampler:
-        return False
-    return not sampler.replacement and sampler.num_samples == len(sampler.data_source)
-
-
-def _check_eval_size(n: int, world: int, phase: Phase) -> None:
-    if n < world:
-        raise DataError(
-            f"the {phase.value} data has {n} sample(s), fewer than the {world} processes: every process "
-            f"needs at least one. Use more samples or fewer processes (torchrun --nproc-per-node)"
-        )
 
 
 def make_plugin(config: TrainerConfig) -> DistributedPlugin | None:
