@@ -83,7 +83,6 @@ class Loop:
         self.resume_rng: dict[str, Any] | None = None  # RNG to restore once the data is replayed
         self.skip_step = False
         self.step_window = RunningMean()  # losses since the last on_step_metrics call
-        self.train_data: Iterable[Any] | None = None
         self.resume_generators: list[torch.Tensor] | None = None  # the loader's own RNG at the save
 
     # -- resume ---------------------------------------------------------------
@@ -91,7 +90,7 @@ class Loop:
     def state_dict(self) -> dict[str, Any]:
         """The loop's position: counters, stage, the RNG that replays this epoch's data, and the
         training data's own generators now (to continue from an epoch's end)."""
-        generators = _data_generators(self.train_data) if self.train_data is not None else []
+        generators = _data_generators(self.trainer._train_data)
         return {
             **self.state.counters(),
             "stage": self.stage,
@@ -113,7 +112,6 @@ class Loop:
     def fit(self, train_data: Iterable[Any], val_data: Iterable[Any] | None) -> None:
         """Run epochs until a limit or a stop; see the order in :mod:`dltrain.hookspecs`."""
         state, trainer = self.state, self.trainer
-        self.train_data = train_data
         resuming = self.stage if self.resume_rng is not None else None
         if resuming == STAGE_DONE:
             state.epoch += 1
