@@ -477,3 +477,15 @@ def test_on_step_metrics_gets_each_intervals_mean_loss_and_lr() -> None:
         window = recorder.losses[6 * i : 6 * (i + 1)]  # 3 steps of 2 micro-batches
         assert metrics["train_loss"] == pytest.approx(sum(window) / len(window), rel=1e-6)
         assert metrics["lr"] == 0.05
+
+
+def test_unwrap_model_reaches_the_users_module_and_leaves_others_alone() -> None:
+    class Holder(nn.Module):  # a user module with a submodule named like DDP's attribute
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+
+    holder = Holder()
+    assert dltrain.unwrap_model(holder) is holder
+    compiled = torch.compile(holder, backend="eager")  # wraps only; nothing compiles until called
+    assert dltrain.unwrap_model(compiled) is holder

@@ -30,15 +30,18 @@ from dltrain.errors import (
 from dltrain.state import History, Phase, RunKind, State, StepOutput
 
 if TYPE_CHECKING:
+    from dltrain._loop import unwrap_model
     from dltrain.config import CheckpointConfig, CompileOptions, TrainerConfig
     from dltrain.trainer import Trainer
 
-# Public names whose modules need pydantic: loaded on first access (PEP 562).
+# Public names loaded on first access (PEP 562): those whose modules need pydantic, and the
+# loop's unwrap_model, which plugin modules rarely need at import.
 _LAZY = {
     "Trainer": "dltrain.trainer",
     "TrainerConfig": "dltrain.config",
     "CheckpointConfig": "dltrain.config",
     "CompileOptions": "dltrain.config",
+    "unwrap_model": "dltrain._loop",
 }
 
 __all__ = [
@@ -67,6 +70,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "seed_everything",
+    "unwrap_model",
 ]
 
 

@@ -30,7 +30,12 @@ STAGE_TRAIN, STAGE_VALIDATE, STAGE_DONE, STAGE_START = "train", "validate", "don
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside ``torch.compile`` and DistributedDataParallel wrappers."""
+    """The user's module inside ``torch.compile`` and DistributedDataParallel wrappers.
+
+    During a run ``trainer.model`` may be wrapped (DDP by the ``distributed``
+    plugin, then ``torch.compile``); plugins that save or inspect the model use
+    this to reach the module the user passed. Any other module is returned as it is.
+    """
     inner = getattr(model, "_orig_mod", model)
     if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         inner = inner.module

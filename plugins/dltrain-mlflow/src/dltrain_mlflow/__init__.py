@@ -76,12 +76,6 @@ def _params(trainer: Trainer, initial_lr: float | None) -> dict[str, str]:
     return flat
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner)
-    return inner if isinstance(inner, torch.nn.Module) else model
-
-
 class MLflowPlugin:
     """Tracks every fit as an MLflow run: params, metrics and the final model.
 
@@ -212,7 +206,7 @@ class MLflowPlugin:
             return
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model_state_dict.pt"
-            torch.save(_unwrap(trainer.model).state_dict(), path)
+            torch.save(dltrain.unwrap_model(trainer.model).state_dict(), path)
             self._client.log_artifact(self.run_id, str(path), artifact_path="model")
 
     @dltrain.hookimpl
