@@ -20,7 +20,7 @@ import torch
 from dltrain.errors import NonFiniteError
 from dltrain.state import State
 
-__all__ = ["NonFiniteGuard"]
+__all__ = ["NonFiniteGuard", "finite_flags"]
 
 # Losses are stacked into one device tensor every this many micro-batches, so a
 # long window (a large log_every_n_steps) holds a few tensors, not thousands.
@@ -32,16 +32,28 @@ _ADVICE = (
 )
 
 
-def _finite_flags(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+def finite_flags(
+    tensors: Sequence[torch.Tensor], device: torch.device, *, exact: bool = False
+) -> torch.Tensor:
     """One boolean per (non-empty) tensor, on ``device``: all its values finite. No sync.
 
-    A tensor's float32 sum is NaN or inf when one of its values is (NaN and
-    inf propagate; inf - inf is NaN); finite weights would need values near
-    1e32 to overflow it. It is 15-20x cheaper on a CPU than the infinity norm
-    or ``isfinite(t).all()``, and half-precision tensors are summed in float32.
+    By default a tensor's float32 sum is checked: it is NaN or inf when one of
+    its values is (NaN and inf propagate; inf - inf is NaN); finite weights
+    would need values near 1e32 to overflow it. It is 15-20x cheaper on a CPU
+    than the infinity norm or ``isfinite(t).all()``, and half-precision tensors
+    are summed in float32. ``exact=True`` checks ``isfinite(t).all()`` instead
+    (any dtype, complex included).
+
+    For tensors sharded with FSDP (DTensors) the flags cover every process's
+    shards, so all processes get the same answer (a collective: all must call).
     """
-    sums = [t.sum(dtype=torch.float32) for t in tensors]
-    return torch.isfinite(torch.stack([s.to(device) for s in sums]))
+    if exact:
+        flags = torch.stack([torch.isfinite(t).all().to(device) for t in tensors])
+    else:
+        sums = [t.sum(dtype=torch.float32) for t in tensors]
+        flags = torch.isfinite(torch.stack([s.to(device) for s in sums]))
+    full_tensor = getattr(flags, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else flags
 
 
 class NonFiniteGuard:
@@ -77,7 +89,7 @@ class NonFiniteGuard:
         overflow in backward); one such step would make every weight NaN.
         """
         grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
-        return not grads or bool(_finite_flags(grads, grads[0].device).all())
+        return not grads or bool(finite_flags(grads, grads[0].device).all())
 
     def _stack_pending(self) -> torch.Tensor:
         pending, self._pending = self._pending, []
@@ -102,11 +114,7 @@ class NonFiniteGuard:
         named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
         loss_ok = torch.isfinite(losses)
         if named:
-            weights_ok = _finite_flags([p.detach() for _, p in named], loss_ok.device)
-            full_tensor = getattr(weights_ok, "full_tensor", None)  # FSDP-sharded weights: a DTensor
-            if callable(full_tensor):
-                weights_ok = full_tensor()  # every process's shards: all agree
-            flags = torch.cat([loss_ok, weights_ok])
+            flags = torch.cat([loss_ok, finite_flags([p.detach() for _, p in named], loss_ok.device)])
         else:
             flags = loss_ok
         if bool(flags.all()):  # the one sync of a good window

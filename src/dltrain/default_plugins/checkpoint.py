@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dltrain._markers import hookimpl
+from dltrain._nonfinite import finite_flags
 from dltrain.checkpoint import CheckpointInfo, list_checkpoints, next_name, save_checkpoint
 from dltrain.checkpoint._io import finite_or_none
 from dltrain.errors import CheckpointError
@@ -268,16 +269,15 @@ class CheckpointPlugin:
 def _nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     """Names of floating-point parameters holding NaN or inf (one host sync in all).
 
-    For a model sharded with FSDP (DTensor parameters) the flags are reduced
-    across the processes, so every process gets the same answer.
+    For a model sharded with FSDP (DTensor parameters) the flags cover every
+    process's shards, so every process gets the same answer (see
+    :func:`~dltrain._nonfinite.finite_flags`).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() or p.is_complex()]
     if not named:
         return []
     with torch.no_grad():
-        flags = torch.stack([torch.isfinite(p).all() for _, p in named])
-        full_tensor = getattr(flags, "full_tensor", None)  # a DTensor: all processes' shards
-        flags = (full_tensor() if callable(full_tensor) else flags).cpu()
+        flags = finite_flags([p for _, p in named], named[0][1].device, exact=True).cpu()
     return [n for (n, _), ok in zip(named, flags.tolist(), strict=True) if not ok]
 
 
