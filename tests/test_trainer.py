@@ -173,6 +173,50 @@ def test_epoch_metrics_are_sample_weighted_not_a_mean_of_batch_means() -> None:
     assert metrics["test_accuracy"] == pytest.approx(accuracy)
 
 
+def test_epoch_loss_sums_over_many_batches_and_resumes_to_the_same_bits() -> None:
+    """The metrics plugin sums losses in folds; a resume anywhere gives the uninterrupted bits."""
+    from types import SimpleNamespace
+
+    from dltrain.default_plugins.metrics import MetricsPlugin
+    from dltrain.state import Phase, State
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [10] * 300 + [7] * 3 + [10] * 400 + [3]  # folds at 256 batches and at each size change
+    # One huge loss first: then float64 sums of the others in another grouping differ in the last bits.
+    losses = [torch.tensor(2.0**37)] + [1 + torch.rand((), generator=gen) for _ in sizes[1:]]
+
+    def epoch(plugin: MetricsPlugin, state: State, start: int, stop: int) -> None:
+        for loss, size in zip(losses[start:stop], sizes[start:stop], strict=True):
+            plugin.on_train_batch_end(state, StepOutput(loss, None, None, size))
+
+    def fresh() -> tuple[MetricsPlugin, State, Any]:
+        state = State(run="fit", phase=Phase.TRAIN, device=torch.device("cpu"))
+        plugin = MetricsPlugin()
+        plugin.on_train_epoch_start(state)
+        return plugin, state, SimpleNamespace(state=state)
+
+    plugin, state, trainer = fresh()
+    epoch(plugin, state, 0, len(sizes))
+    mean = float(plugin.compute_metrics(trainer, state)["loss"])
+    expected = sum(float(loss) * size for loss, size in zip(losses, sizes, strict=True)) / sum(sizes)
+    assert mean == pytest.approx(expected, rel=1e-12)
+    straight = plugin.state_dict(trainer)  # the raw sums, to compare bit for bit
+
+    for cut in (1, 255, 256, 257, 301, 303, 555):
+        first, state, trainer = fresh()
+        epoch(first, state, 0, cut)
+        saved = first.state_dict(trainer)
+        second, state, trainer = fresh()
+        second.load_state_dict(trainer, saved)
+        state.batch_idx = cut  # a resumed epoch keeps the restored sums
+        second.on_train_epoch_start(state)
+        epoch(second, state, cut, len(sizes))
+        resumed = second.state_dict(trainer)
+        for key in ("loss", "pending"):
+            assert torch.equal(resumed[key], straight[key]), (cut, key)
+        assert float(second.compute_metrics(trainer, state)["loss"]) == mean
+
+
 def test_stop_conditions_max_steps_and_limit_train_batches() -> None:
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

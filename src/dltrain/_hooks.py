@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import types
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -10,51 +13,49 @@ if TYPE_CHECKING:
 __all__ = ["Hooks"]
 
 
-def _direct(impls: list[Any], *, firstresult: bool) -> Any:
-    """Call plain (non-wrapper) hook implementations as pluggy would, without its dispatch.
+def _direct(name: str, spec_args: Sequence[str], impls: Sequence[Any], *, firstresult: bool) -> Any:
+    """A function that calls plain (non-wrapper) hook implementations as pluggy would, without its dispatch.
 
     Same semantics as pluggy's multicall when no wrapper is involved: the
-    implementations run last-registered first, each with keyword arguments
-    restricted to its own argnames; a first-result hook stops at the first
-    non-None result, any other collects the non-None results in a list.
-    Exceptions propagate unchanged.
+    implementations run last-registered first, each with the arguments it
+    names; a first-result hook stops at the first non-None result, any other
+    collects the non-None results in a list. Exceptions propagate unchanged.
+
+    The function is generated with the hook's own keyword parameters and one
+    positional call per implementation, as :mod:`dataclasses` generates
+    ``__init__``: a call then costs two plain Python calls, with no
+    keyword-argument dict, no argument list built per implementation and no
+    loop (a third of what a generic ``**kwargs`` forwarder costs, per step).
     """
-    calls = [(impl.function, tuple(impl.argnames)) for impl in reversed(impls)]
-    if len(calls) == 1:
-        function, argnames = calls[0]
+    ordered = list(reversed(impls))
+    code = _caller_code(name, tuple(spec_args), tuple(tuple(i.argnames) for i in ordered), firstresult)
+    namespace = {f"_impl{i}": impl.function for i, impl in enumerate(ordered)}
+    return types.FunctionType(code, namespace, name)
+
+
+@functools.lru_cache(maxsize=512)
+def _caller_code(
+    name: str, spec_args: tuple[str, ...], impl_args: tuple[tuple[str, ...], ...], firstresult: bool
+) -> types.CodeType:
+    """The code of a caller for :func:`_direct`: it depends only on names, so it is compiled once."""
+    body: list[str] = []
+    for i, argnames in enumerate(impl_args):
+        call = f"_impl{i}({', '.join(argnames)})"
         if firstresult:
-
-            def call_one_first(**kwargs: Any) -> Any:
-                return function(*[kwargs[a] for a in argnames])
-
-            return call_one_first
-
-        def call_one(**kwargs: Any) -> Any:
-            result = function(*[kwargs[a] for a in argnames])
-            return [] if result is None else [result]
-
-        return call_one
-
+            body += [f"result = {call}", "if result is not None:", "    return result"]
+        elif len(impl_args) == 1:
+            body += [f"result = {call}", "return [] if result is None else [result]"]
+        else:
+            body += [f"result = {call}", "if result is not None:", "    results.append(result)"]
     if firstresult:
-
-        def call_first(**kwargs: Any) -> Any:
-            for function, argnames in calls:
-                result = function(*[kwargs[a] for a in argnames])
-                if result is not None:
-                    return result
-            return None
-
-        return call_first
-
-    def call_all(**kwargs: Any) -> Any:
-        results = []
-        for function, argnames in calls:
-            result = function(*[kwargs[a] for a in argnames])
-            if result is not None:
-                results.append(result)
-        return results
-
-    return call_all
+        body.append("return None")
+    elif len(impl_args) > 1:
+        body = ["results = []", *body, "return results"]
+    params = f"*, {', '.join(spec_args)}" if spec_args else ""
+    source = f"def {name}({params}):\n" + "".join(f"    {line}\n" for line in body)
+    module = compile(source, f"<dltrain hook caller {name}>", "exec")
+    code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+    return code
 
 
 class Hooks:
@@ -84,9 +85,9 @@ class Hooks:
             impls = caller.get_hookimpls()
             if not impls:
                 continue
-            if not any(impl.wrapper or impl.hookwrapper for impl in impls):
-                firstresult = bool(caller.spec is not None and caller.spec.opts.get("firstresult"))
-                self._callers[name] = _direct(impls, firstresult=firstresult)
+            if caller.spec is not None and not any(impl.wrapper or impl.hookwrapper for impl in impls):
+                firstresult = bool(caller.spec.opts.get("firstresult"))
+                self._callers[name] = _direct(name, caller.spec.argnames, impls, firstresult=firstresult)
             else:
                 self._callers[name] = caller
 

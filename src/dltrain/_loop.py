@@ -16,6 +16,7 @@ from dltrain._nonfinite import NonFiniteGuard
 from dltrain._precision import Precision
 from dltrain._rng import get_rng_state, set_rng_state
 from dltrain._running import RunningMean
+from dltrain.default_plugins.step import batch_size_of
 from dltrain.errors import DataError, DltrainError, PluginError, StepError
 from dltrain.state import Phase, State, StepOutput
 
@@ -82,13 +83,14 @@ class Loop:
         self.hooks = trainer._hooks
         precision = Precision(self.config.precision, state.device)
         self.autocast, self.scaler = precision.autocast, precision.scaler
-        self.nonfinite = NonFiniteGuard(self.config.on_nonfinite)
+        self.nonfinite = NonFiniteGuard(self.config.on_nonfinite, self.config.accumulate_grad_batches)
         self.stage = STAGE_START
         self.epoch_rng: dict[str, Any] | None = None  # RNG before iter(data): replays the data order
         self.resume_rng: dict[str, Any] | None = None  # RNG to restore once the data is replayed
         self.skip_step = False
         self.step_window = RunningMean()  # losses since the last on_step_metrics call
         self.resume_generators: list[torch.Tensor] | None = None  # the loader's own RNG at the save
+        self.on_before_optimizer_step: Any = None  # its caller, fetched at each training epoch's start
 
     # -- resume ---------------------------------------------------------------
 
@@ -242,9 +244,10 @@ class Loop:
         on_start, on_end = h.get("on_train_batch_start"), h.get("on_train_batch_end")
         on_before_bw, on_after_bw = h.get("on_before_backward"), h.get("on_after_backward")
         step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
+        self.on_before_optimizer_step = h.get("on_before_optimizer_step")
         on_log, window, log_every = h.get("on_step_metrics"), self.step_window, cfg.log_every_n_steps
         _require_step(step_hook, "training_step")
-        scaler = self.scaler
+        scaler, nonfinite, max_steps = self.scaler, self.nonfinite, cfg.max_steps
         length, limit = _length(data), cfg.limit_train_batches
         last_idx = (min(length, limit) if limit is not None else length) if length is not None else limit
         last_idx = None if last_idx is None else last_idx - 1
@@ -266,7 +269,9 @@ class Loop:
                 scaler.scale(scaled).backward()
             if on_after_bw is not None:
                 on_after_bw(trainer=trainer, state=state)
-            if self.nonfinite.observe(state, loss):
+            # Backward consumed the graph: from here on the loss is passed on detached, once.
+            loss = output.loss = loss.detach()
+            if nonfinite.observe(state, loss):
                 self.skip_step = True
                 output.loss = None  # a skipped batch is left out of the epoch's loss
             if state.micro_step == accum or batch_idx == last_idx:
@@ -275,10 +280,12 @@ class Loop:
                 on_end(trainer=trainer, state=state, batch=batch, output=output)
             if on_log is not None:  # nobody logs: the interval is not tracked at all
                 if output.loss is not None:
-                    window.add(output.loss)
+                    window.add(loss)
                 if state.micro_step == 0 and state.global_step % log_every == 0:
                     on_log(trainer=trainer, state=state, metrics=self._step_metrics(optimizer))
-            if state.micro_step == 0 and (self._step_limit_reached() or state.stop_requested):
+            if state.micro_step == 0 and (
+                (max_steps is not None and state.global_step >= max_steps) or state.stop_requested
+            ):
                 completed = batch_idx == last_idx
                 break
         if state.micro_step and completed:  # a last, partial group of data of unknown length
@@ -305,14 +312,13 @@ class Loop:
             return batch, step(trainer=trainer, state=state, model=model, batch=batch)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
-        cfg, state, trainer = self.config, self.state, self.trainer
+        cfg, state, trainer, scaler = self.config, self.state, self.trainer, self.scaler
         accum = cfg.accumulate_grad_batches
-        scaler = self.scaler
         partial = micro_steps != accum
-        needs_params = partial or cfg.gradient_clip_val is not None or self.nonfinite.policy == "skip"
+        skip_policy = self.nonfinite.policy == "skip"
         params = (
             [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if needs_params
+            if partial or skip_policy or cfg.gradient_clip_val is not None
             else []
         )
         if scaler is not None:  # clip and rescale true gradients, not scaled ones
@@ -325,14 +331,15 @@ class Loop:
             else:
                 torch.nn.utils.clip_grad_value_(params, cfg.gradient_clip_val)
         skip, self.skip_step = self.skip_step, False
-        if scaler is None and self.nonfinite.policy == "skip":
+        if scaler is None and skip_policy:
             # A finite loss can have NaN gradients. Checked even after a local NaN loss: with
             # sharded (FSDP) gradients the check is a collective every process must join.
             skip = not self.nonfinite.grads_finite(params) or skip
         if skip:
             state.skipped_steps += 1
         else:
-            self.hooks.call("on_before_optimizer_step", trainer=trainer, state=state, optimizer=optimizer)
+            if self.on_before_optimizer_step is not None:
+                self.on_before_optimizer_step(trainer=trainer, state=state, optimizer=optimizer)
             if scaler is None:
                 optimizer.step()
             else:
@@ -451,8 +458,6 @@ def _as_step_output(output: Any, batch: Any) -> StepOutput:
     if isinstance(output, StepOutput) and output.loss is not None:
         result = output
     elif isinstance(output, torch.Tensor):
-        from dltrain.default_plugins.step import batch_size_of
-
         result = StepOutput(output, None, None, batch_size_of(batch))
     else:
         raise StepError(

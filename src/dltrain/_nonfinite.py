@@ -12,7 +12,6 @@ one sync per step (on an accelerator; a float16 GradScaler does the same).
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable, Sequence
 
 import torch
@@ -59,26 +58,33 @@ def finite_flags(
 class NonFiniteGuard:
     """Watches the losses of one run and applies the policy.
 
+    A window of losses lies within one epoch (each epoch's end checks it) and
+    its micro-batches are consecutive, so where each loss came from follows
+    from where the window began: nothing but the loss is recorded per batch.
+
     Args:
         policy: ``"raise"``, ``"skip"`` or ``"stop"`` (``TrainerConfig.on_nonfinite``).
+        accumulate_grad_batches: Micro-batches per optimizer step.
     """
 
-    def __init__(self, policy: str) -> None:
+    def __init__(self, policy: str, accumulate_grad_batches: int = 1) -> None:
         self.policy = policy
+        self._accum = accumulate_grad_batches
         self._pending: list[torch.Tensor] = []  # this window's losses, not stacked yet
         self._chunks: list[torch.Tensor] = []  # stacked runs of _CHUNK losses, float32
-        self._where = array("q")  # epoch, batch_idx, global_step of each loss, flattened
-        self._since = 0  # global step where the window began
+        # The window's first loss: its epoch, batch_idx, global_step and micro-batch in its group.
+        self._start = (0, 0, 0, 0)
 
     def observe(self, state: State, loss: torch.Tensor) -> bool:
-        """Record one micro-batch's loss; True when policy "skip" must skip its step."""
+        """Record one micro-batch's detached loss (called after ``state.micro_step`` counts it);
+        True when policy "skip" must skip its step."""
         if self.policy == "skip":
-            return not bool(torch.isfinite(loss.detach()).all())
-        if not self._pending and not self._chunks:
-            self._since = state.global_step
-        self._pending.append(loss.detach())
-        self._where.extend((state.epoch, state.batch_idx, state.global_step))
-        if len(self._pending) == _CHUNK:
+            return not bool(torch.isfinite(loss).all())
+        pending = self._pending
+        if not pending and not self._chunks:
+            self._start = (state.epoch, state.batch_idx, state.global_step, state.micro_step - 1)
+        pending.append(loss)
+        if len(pending) == _CHUNK:
             self._chunks.append(self._stack_pending())
         return False
 
@@ -109,8 +115,8 @@ class NonFiniteGuard:
         if self._pending:
             self._chunks.append(self._stack_pending())
         losses = torch.cat(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-        where, since = self._where, self._since
-        self._chunks, self._where = [], array("q")
+        epoch, first_batch, since, first_micro = self._start
+        self._chunks = []
         named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
         loss_ok = torch.isfinite(losses)
         if named:
@@ -126,7 +132,7 @@ class NonFiniteGuard:
         weights = f"; non-finite weights now in: {bad_weights[:5]}" if bad_weights else ""
         if bad_losses:
             first = bad_losses[0]
-            epoch, batch, step = where[3 * first : 3 * first + 3]
+            batch, step = first_batch + first, since + (first_micro + first) // self._accum
             value = float(losses[first])
             others = len(bad_losses) - 1
             head = f"non-finite loss ({value})" if self.policy == "stop" else f"the loss became {value}"

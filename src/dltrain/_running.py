@@ -28,7 +28,7 @@ class RunningMean:
 
     def add(self, value: torch.Tensor) -> None:
         """Add one scalar tensor (its graph is not kept)."""
-        self._pending.append(value.detach())
+        self._pending.append(value.detach() if value.requires_grad else value)
         self._count += 1
         if len(self._pending) >= self._fold_every:
             self._fold()

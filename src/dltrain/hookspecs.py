@@ -314,8 +314,10 @@ def on_train_batch_end(trainer: Trainer, state: State, batch: Any, output: StepO
 
     Args:
         batch: The batch, on the device.
-        output: The step's output; ``output.loss`` is the undivided loss.
-            Accumulate it on the device: calling ``.item()`` here stalls CUDA every step.
+        output: The step's output; ``output.loss`` is the undivided loss,
+            detached (backward has used its graph), or None for a batch that
+            ``on_nonfinite="skip"`` left out. Accumulate it on the device:
+            calling ``.item()`` here stalls CUDA every step.
     """
 
 

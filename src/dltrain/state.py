@@ -113,8 +113,10 @@ class StepOutput:
     """What a training or evaluation step produced for one batch.
 
     Attributes:
-        loss: The scalar loss tensor (with its graph during training), or None
-            when the step computed no loss (prediction, or no loss function).
+        loss: The scalar loss tensor, or None when the step computed no loss
+            (prediction, or no loss function). A training step returns it with
+            its graph; after backward the loop replaces it with its detached
+            value, which is what ``on_train_batch_end`` sees.
         outputs: The model's outputs for the batch.
         targets: The batch's targets, or None when it has none.
         batch_size: Number of samples in the batch (weights epoch means).

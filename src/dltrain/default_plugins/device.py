@@ -71,7 +71,10 @@ def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False)
             return batch
         return batch.to(device, non_blocking=non_blocking and batch.is_pinned())
     if isinstance(batch, tuple):
-        if all(type(b) is torch.Tensor and b.device == device for b in batch):
+        for b in batch:
+            if type(b) is not torch.Tensor or b.device != device:
+                break
+        else:
             return batch  # the usual case on the CPU, or data already on the device
         moved = [move_to_device(b, device, non_blocking) for b in batch]
         if hasattr(batch, "_fields"):  # named tuple
@@ -123,6 +126,12 @@ class DevicePlugin:
     @hookimpl(trylast=True)
     def transfer_batch(self, batch: Any, device: torch.device) -> Any:
         """Move the batch to ``device``, non-blocking from pinned memory on CUDA."""
+        if type(batch) is tuple:  # the usual batch, often already there: answered without a call
+            for b in batch:
+                if type(b) is not torch.Tensor or b.device != device:
+                    break
+            else:
+                return batch
         return move_to_device(batch, device, non_blocking=device.type == "cuda")
 
 

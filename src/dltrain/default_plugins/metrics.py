@@ -58,15 +58,18 @@ def looks_like_classification(outputs: Any, targets: Any) -> bool:
 
 
 class _Sums:
-    """Device-resident sums of one epoch, updated in place every batch.
+    """The sums of one epoch, on the device: loss, correct predictions, custom metrics, counts.
 
-    Each batch adds with one or two small in-place ops and nothing is read on
-    the host. (Buffering the batches' tensors and folding them in every few
-    batches was measured slower: holding the tensors defeats the allocator's
-    reuse of their memory.)
+    A batch's loss is appended to ``pending`` as it is (a list append: no
+    kernel launch, no host sync). Every ``_FOLD`` batches, and when the batch
+    size changes, the pending losses are folded into ``loss`` with one
+    stack-and-sum. The fold points depend only on the batches seen, and the
+    pending losses are checkpointed as they are, so a resumed epoch sums in
+    the same order as an uninterrupted one and reports the same bits.
+    Correct predictions and custom metrics are added in place each batch.
     """
 
-    __slots__ = ("correct", "count", "custom", "loss", "loss_count")
+    __slots__ = ("correct", "count", "custom", "loss", "loss_count", "pending", "pending_bs")
 
     def __init__(self, device: torch.device, n_custom: int) -> None:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -74,6 +77,42 @@ class _Sums:
         self.custom = torch.zeros(n_custom, dtype=torch.float64, device=device)
         self.count = 0
         self.loss_count = 0
+        self.pending: list[torch.Tensor] = []  # losses of batches of pending_bs samples, not summed yet
+        self.pending_bs = 0
+
+    def add_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Add one batch's (detached) mean loss, weighted by the batch's size."""
+        self.loss_count += batch_size
+        if batch_size != self.pending_bs or len(self.pending) >= _FOLD:
+            self.fold()
+            self.pending_bs = batch_size
+        self.pending.append(loss)
+
+    def fold(self) -> None:
+        """Add the pending losses to ``loss`` (device ops, no sync)."""
+        if self.pending:
+            self.loss.add_(_weighted_sum(self.pending, self.pending_bs))
+            self.pending = []
+
+    def total_loss(self) -> torch.Tensor:
+        """The loss sum so far, pending losses included; nothing changes."""
+        return self.loss + _weighted_sum(self.pending, self.pending_bs) if self.pending else self.loss
+
+    def packed(self) -> torch.Tensor:
+        """``[loss, correct, *custom, count, loss_count]`` in one float64 tensor, to all-reduce."""
+        counts = torch.tensor([self.count, self.loss_count], dtype=torch.float64, device=self.loss.device)
+        loss, correct = self.total_loss().reshape(1), self.correct.to(torch.float64).reshape(1)
+        return torch.cat([loss, correct, self.custom, counts])
+
+
+# Pending batch losses are summed every this many batches: one stack of a few KB,
+# instead of a type-promoting in-place add (a kernel launch) per batch.
+_FOLD = 256
+
+
+def _weighted_sum(losses: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """``batch_size * sum(losses)`` in float64; losses may be 0-d or of shape (1,)."""
+    return torch.stack([t.reshape(()) if t.dim() else t for t in losses]).to(torch.float64).sum() * batch_size
 
 
 class MetricsPlugin:
@@ -150,9 +189,9 @@ class MetricsPlugin:
             sums = self._sums = _Sums(state.device, len(self._fns))
         bs = output.batch_size
         sums.count += bs
-        if output.loss is not None and self._report_loss:
-            sums.loss.add_(output.loss.detach(), alpha=bs)
-            sums.loss_count += bs
+        loss = output.loss
+        if loss is not None and self._report_loss:
+            sums.add_loss(loss.detach() if loss.requires_grad else loss, bs)
         outputs, targets = output.outputs, output.targets
         if targets is None:
             return
@@ -189,10 +228,7 @@ class MetricsPlugin:
         sums = self._sums
         if sums is None:
             return None
-        counts = torch.tensor([sums.count, sums.loss_count], dtype=torch.float64, device=sums.loss.device)
-        packed = torch.cat(
-            [sums.loss.reshape(1), sums.correct.to(torch.float64).reshape(1), sums.custom, counts]
-        )
+        packed = sums.packed()
         if state.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(packed)
         loss_sum, correct, custom = packed[0], packed[1], packed[2:-2]
@@ -212,23 +248,29 @@ class MetricsPlugin:
     def state_dict(self, trainer: Trainer) -> dict[str, Any] | None:
         """The sums of the epoch in progress, so a resumed epoch reports exact means.
 
-        Under distributed training they are the sums of all ranks (an
-        all-reduce: every rank must call this, as the checkpoint plugin does).
+        In one process the losses not yet folded into the sum are saved as
+        they are, so the resumed epoch folds them where the uninterrupted one
+        would have. Under distributed training they are the sums of all ranks
+        (an all-reduce: every rank must call this, as the checkpoint plugin does).
         """
         sums = self._sums
         if sums is None:
             return None
-        loss, correct, custom = sums.loss.detach(), sums.correct.detach(), sums.custom.detach()
-        count, loss_count = sums.count, sums.loss_count
         state = trainer.state
+        pending = [t.reshape(()) for t in sums.pending]
         if state is not None and state.world_size > 1 and torch.distributed.is_initialized():
-            counts = torch.tensor([count, loss_count], dtype=torch.float64, device=loss.device)
-            packed = torch.cat([loss.reshape(1), correct.to(torch.float64).reshape(1), custom, counts])
+            packed = sums.packed()
             torch.distributed.all_reduce(packed)
             loss, correct, custom = packed[0], packed[1].to(torch.int64), packed[2:-2]
             count, loss_count = int(packed[-2]), int(packed[-1])
+            pending = []
+        else:
+            loss, correct, custom = sums.loss, sums.correct, sums.custom
+            count, loss_count = sums.count, sums.loss_count
         return {
             "loss": loss.cpu(),
+            "pending": torch.stack(pending).cpu() if pending else torch.zeros(0),
+            "pending_batch_size": sums.pending_bs if pending else 0,
             "correct": correct.cpu(),
             "custom": custom.cpu(),
             "count": count,
@@ -250,8 +292,12 @@ class MetricsPlugin:
         self._sums, self._classify, self._resumed = sums, state_dict["classify"], True
         if trainer.state is not None and trainer.state.rank != 0:
             return
+        pending = state_dict.get("pending")  # absent from checkpoints of earlier versions
+        losses = list(pending.to(device).unbind()) if pending is not None and pending.numel() else []
+        pending_bs = int(state_dict.get("pending_batch_size", 0))
         sums.loss.copy_(state_dict["loss"])
         sums.correct.copy_(state_dict["correct"])
+        sums.pending, sums.pending_bs = losses, pending_bs
         if sums.custom.numel() == state_dict["custom"].numel():
             sums.custom.copy_(state_dict["custom"])
         sums.count = int(state_dict["count"])
