@@ -91,6 +91,7 @@ class Loop:
         self.step_window = RunningMean()  # losses since the last on_step_metrics call
         self.resume_generators: list[torch.Tensor] | None = None  # the loader's own RNG at the save
         self.on_before_optimizer_step: Any = None  # its caller, fetched at each training epoch's start
+        self.tracks_steps = False  # a plugin implements on_step_metrics
 
     # -- resume ---------------------------------------------------------------
 
@@ -246,8 +247,10 @@ class Loop:
         step_hook, transfer = h.get("training_step"), h.get("transfer_batch")
         self.on_before_optimizer_step = h.get("on_before_optimizer_step")
         on_log, window, log_every = h.get("on_step_metrics"), self.step_window, cfg.log_every_n_steps
+        self.tracks_steps = on_log is not None
         _require_step(step_hook, "training_step")
         scaler, nonfinite, max_steps = self.scaler, self.nonfinite, cfg.max_steps
+        watched = None if nonfinite.skips else nonfinite.window
         length, limit = _length(data), cfg.limit_train_batches
         last_idx = (min(length, limit) if limit is not None else length) if length is not None else limit
         last_idx = None if last_idx is None else last_idx - 1
@@ -271,7 +274,11 @@ class Loop:
                 on_after_bw(trainer=trainer, state=state)
             # Backward consumed the graph: from here on the loss is passed on detached, once.
             loss = output.loss = loss.detach()
-            if nonfinite.observe(state, loss):
+            if watched is not None:  # "raise" or "stop": read with the window, every few steps
+                if not watched:
+                    nonfinite.start(state)
+                watched.append(loss)
+            elif not nonfinite.loss_finite(loss):  # "skip" decides now
                 self.skip_step = True
                 output.loss = None  # a skipped batch is left out of the epoch's loss
             if state.micro_step == accum or batch_idx == last_idx:
@@ -279,7 +286,7 @@ class Loop:
             if on_end is not None:
                 on_end(trainer=trainer, state=state, batch=batch, output=output)
             if on_log is not None:  # nobody logs: the interval is not tracked at all
-                if output.loss is not None:
+                if watched is None and output.loss is not None:  # else summed from the guard's window
                     window.add(loss)
                 if state.micro_step == 0 and state.global_step % log_every == 0:
                     on_log(trainer=trainer, state=state, metrics=self._step_metrics(optimizer))
@@ -292,9 +299,9 @@ class Loop:
             self._optimizer_step(optimizer, state.micro_step)
         if seen == 0 and not resuming:
             raise DataError("train_data produced no batches this epoch; check that the dataset is not empty")
-        self.nonfinite.check(state, unwrap_model(model), trainer.request_stop)
+        self._check_nonfinite()
         state.metrics.update(self.compute_metrics())
-        if self.nonfinite.policy == "skip":  # shown with the epoch's metrics, so skips are seen
+        if self.nonfinite.skips:  # shown with the epoch's metrics, so skips are seen
             state.metrics["train_skipped_steps"] = float(state.skipped_steps)
         return completed and not state.stop_requested
 
@@ -315,7 +322,7 @@ class Loop:
         cfg, state, trainer, scaler = self.config, self.state, self.trainer, self.scaler
         accum = cfg.accumulate_grad_batches
         partial = micro_steps != accum
-        skip_policy = self.nonfinite.policy == "skip"
+        skip_policy = self.nonfinite.skips
         params = (
             [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if partial or skip_policy or cfg.gradient_clip_val is not None
@@ -352,7 +359,15 @@ class Loop:
         if trainer.scheduler is not None and cfg.scheduler_interval == "step" and not skip:
             trainer.scheduler.step()
         if state.global_step % cfg.log_every_n_steps == 0:
-            self.nonfinite.check(state, unwrap_model(trainer.model), trainer.request_stop)
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        """Apply the non-finite policy to the losses since the last check (one sync); when a
+        plugin logs step metrics, their sum joins the interval's, so each loss is kept once."""
+        trainer = self.trainer
+        losses = self.nonfinite.check(self.state, unwrap_model(trainer.model), trainer.request_stop)
+        if losses is not None and self.tracks_steps:
+            self.step_window.add_total(losses.sum(dtype=torch.float64), losses.numel())
 
     def _step_metrics(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """The metrics of ``on_step_metrics``: the interval's mean loss (one host sync) and the lr."""

@@ -21,10 +21,6 @@ from dltrain.state import State
 
 __all__ = ["NonFiniteGuard", "finite_flags"]
 
-# Losses are stacked into one device tensor every this many micro-batches, so a
-# long window (a large log_every_n_steps) holds a few tensors, not thousands.
-_CHUNK = 1024
-
 _ADVICE = (
     "Lower the learning rate, clip gradients (gradient_clip_val), check that batch for NaN or inf, "
     "or set on_nonfinite='skip' (skip such steps) or 'stop' (end the run cleanly)"
@@ -58,9 +54,12 @@ def finite_flags(
 class NonFiniteGuard:
     """Watches the losses of one run and applies the policy.
 
-    A window of losses lies within one epoch (each epoch's end checks it) and
-    its micro-batches are consecutive, so where each loss came from follows
-    from where the window began: nothing but the loss is recorded per batch.
+    Under "raise" and "stop" the loop appends each micro-batch's detached
+    loss to :attr:`window` itself (a list append is all a step costs), after
+    calling :meth:`start` for the first loss of a window. A window lies
+    within one epoch (each epoch's end checks it) and its micro-batches are
+    consecutive, so where each loss came from follows from where the window
+    began. Under "skip" the loop asks :meth:`loss_finite` for every loss.
 
     Args:
         policy: ``"raise"``, ``"skip"`` or ``"stop"`` (``TrainerConfig.on_nonfinite``).
@@ -69,24 +68,21 @@ class NonFiniteGuard:
 
     def __init__(self, policy: str, accumulate_grad_batches: int = 1) -> None:
         self.policy = policy
+        self.skips = policy == "skip"
+        self.window: list[torch.Tensor] = []  # this window's losses ("raise", "stop")
         self._accum = accumulate_grad_batches
-        self._pending: list[torch.Tensor] = []  # this window's losses, not stacked yet
-        self._chunks: list[torch.Tensor] = []  # stacked runs of _CHUNK losses, float32
         # The window's first loss: its epoch, batch_idx, global_step and micro-batch in its group.
         self._start = (0, 0, 0, 0)
 
-    def observe(self, state: State, loss: torch.Tensor) -> bool:
-        """Record one micro-batch's detached loss (called after ``state.micro_step`` counts it);
-        True when policy "skip" must skip its step."""
-        if self.policy == "skip":
-            return not bool(torch.isfinite(loss).all())
-        pending = self._pending
-        if not pending and not self._chunks:
-            self._start = (state.epoch, state.batch_idx, state.global_step, state.micro_step - 1)
-        pending.append(loss)
-        if len(pending) == _CHUNK:
-            self._chunks.append(self._stack_pending())
-        return False
+    def start(self, state: State) -> None:
+        """Note where a window begins: call before appending its first loss, once
+        ``state.micro_step`` counts that loss's micro-batch."""
+        self._start = (state.epoch, state.batch_idx, state.global_step, state.micro_step - 1)
+
+    @staticmethod
+    def loss_finite(loss: torch.Tensor) -> bool:
+        """For policy "skip": whether every value of the loss is finite (one sync)."""
+        return bool(torch.isfinite(loss).all())
 
     def grads_finite(self, params: Sequence[torch.nn.Parameter]) -> bool:
         """For policy "skip": whether every gradient is finite (one sync).
@@ -97,26 +93,27 @@ class NonFiniteGuard:
         grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
         return not grads or bool(finite_flags(grads, grads[0].device).all())
 
-    def _stack_pending(self) -> torch.Tensor:
-        pending, self._pending = self._pending, []
-        try:  # the usual case, 0-dim losses: one op (reshaping each would cost ~3 us a loss)
-            return torch.stack(pending).float().reshape(-1)
-        except RuntimeError:  # mixed shapes such as () and (1,)
-            return torch.stack([t.reshape(()) for t in pending]).float()
-
-    def check(self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]) -> None:
+    def check(
+        self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]
+    ) -> torch.Tensor | None:
         """Read the window's losses and the weights (one sync); raise or request a stop if not finite.
+
+        Returns:
+            The window's losses as one float32 tensor (the loop sums them for
+            ``on_step_metrics``), or None when there were none.
 
         Raises:
             NonFiniteError: policy "raise" and a loss or weight is NaN or infinite.
         """
-        if self.policy == "skip" or not (self._pending or self._chunks):
-            return
-        if self._pending:
-            self._chunks.append(self._stack_pending())
-        losses = torch.cat(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        window = self.window
+        if self.skips or not window:
+            return None
+        try:  # the usual case, 0-dim losses: one op (reshaping each would cost ~3 us a loss)
+            losses = torch.stack(window).float().reshape(-1)
+        except RuntimeError:  # mixed shapes such as () and (1,)
+            losses = torch.stack([t.reshape(()) for t in window]).float()
+        window.clear()  # in place: the loop holds this list
         epoch, first_batch, since, first_micro = self._start
-        self._chunks = []
         named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
         loss_ok = torch.isfinite(losses)
         if named:
@@ -124,7 +121,7 @@ class NonFiniteGuard:
         else:
             flags = loss_ok
         if bool(flags.all()):  # the one sync of a good window
-            return
+            return losses
         bad_weights = [
             n for (n, _), ok in zip(named, flags[loss_ok.numel() :].tolist(), strict=True) if not ok
         ]
@@ -148,7 +145,7 @@ class NonFiniteGuard:
             )
         if self.policy == "stop":
             request_stop(problem)
-            return
+            return losses
         raise NonFiniteError(
             f"{problem}. {_ADVICE}. Losses are checked every log_every_n_steps optimizer steps and at each "
             f"epoch's end (this check at global step {state.global_step}); log_every_n_steps=1 stops at once."

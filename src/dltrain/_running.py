@@ -33,6 +33,13 @@ class RunningMean:
         if len(self._pending) >= self._fold_every:
             self._fold()
 
+    def add_total(self, total: torch.Tensor, count: int) -> None:
+        """Add the sum of ``count`` values at once (a scalar tensor, not read now)."""
+        self._pending.append(total.detach())
+        self._count += count
+        if len(self._pending) >= self._fold_every:
+            self._fold()
+
     def _fold(self) -> torch.Tensor | None:
         if self._pending:
             part = torch.stack(self._pending).to(torch.float64).sum()
