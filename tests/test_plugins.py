@@ -327,3 +327,32 @@ def test_plain_hook_implementations_are_called_directly_with_pluggys_semantics()
         trainer._hooks.call_first("transfer_batch", trainer=trainer, state=None, batch=1, device=None) == "C"
     )
     assert seen == ["transfer:c"]  # tryfirst answers first and stops the rest
+
+
+def test_a_traceback_through_a_direct_hook_call_shows_the_calling_line() -> None:
+    """The generated hook callers have their source in linecache, so tracebacks read normally."""
+    import traceback
+
+    class Boom:
+        name = "boom"
+
+        @hookimpl
+        def on_train_epoch_start(self, state: Any) -> None:
+            raise RuntimeError("boom")
+
+    model = tiny_model()
+    trainer = dltrain.Trainer(
+        max_epochs=1, progress="off", run_dir=None, autoload_plugins=False, plugins=[Boom()]
+    )
+    with pytest.raises(PluginError) as info:
+        trainer.fit(
+            model,
+            tiny_loader(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=torch.nn.CrossEntropyLoss(),
+        )
+    cause = info.value.__cause__
+    assert isinstance(cause, RuntimeError)
+    frames = traceback.extract_tb(cause.__traceback__)
+    caller = next(f for f in frames if f.filename.startswith("<dltrain hook caller on_train_epoch_start"))
+    assert caller.line == "result = _impl0(state)"

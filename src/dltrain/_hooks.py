@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import linecache
 import types
+import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +55,11 @@ def _caller_code(
         body = ["results = []", *body, "return results"]
     params = f"*, {', '.join(spec_args)}" if spec_args else ""
     source = f"def {name}({params}):\n" + "".join(f"    {line}\n" for line in body)
-    module = compile(source, f"<dltrain hook caller {name}>", "exec")
+    # A file name of its own, with its source in linecache: tracebacks and warnings that pass
+    # through the caller show its lines, e.g. "result = _impl1(trainer, state)".
+    filename = f"<dltrain hook caller {name} {zlib.crc32(source.encode()):08x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    module = compile(source, filename, "exec")
     code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
     return code
 
