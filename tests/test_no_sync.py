@@ -143,7 +143,8 @@ def _fit(steps: int, log: SyncLog, *, extra_plugins: tuple[object, ...] = (), **
 
 
 def test_no_host_sync_between_batches(sync_log: SyncLog) -> None:
-    _fit(20, sync_log, log_every_n_steps=1000)
+    # 300 steps: the metrics plugin folds its pending losses (every 256 batches) in between.
+    _fit(300, sync_log, log_every_n_steps=1000)
     assert sync_log.syncs_between("on_train_batch_end") == []
     assert sync_log.syncs_between("on_eval_batch_end") == []
 
@@ -170,3 +171,43 @@ def test_the_check_catches_a_plugin_that_syncs_every_step(sync_log: SyncLog) -> 
     _fit(20, sync_log, extra_plugins=(ItemEveryStep(),), log_every_n_steps=1000)
     syncs = sync_log.syncs_between("on_train_batch_end")
     assert len(syncs) == 19 and all(s.startswith("item at ") and __file__ in s for s in syncs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_reports_no_synchronising_call_between_batches() -> None:
+    """On a GPU, torch's sync debug mode raises at any synchronising call between the
+    second batch's start and the second-to-last batch's end (default plugins on)."""
+    steps, batch = 300, 8
+    device = torch.device("cuda")
+    x, y = torch.randn(steps * batch, 20), torch.randint(0, 4, (steps * batch,))
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    checked: list[int] = []
+
+    class Strict:
+        name = "strict_sync"
+
+        @dltrain.hookimpl
+        def on_train_batch_start(self, state: dltrain.State) -> None:
+            if state.batch_idx == 1:
+                torch.cuda.set_sync_debug_mode("error")
+
+        @dltrain.hookimpl(trylast=True)
+        def on_train_batch_end(self, state: dltrain.State) -> None:
+            if torch.cuda.get_sync_debug_mode():
+                checked.append(state.batch_idx)
+            if state.batch_idx == steps - 2:
+                torch.cuda.set_sync_debug_mode("default")
+
+    trainer = dltrain.Trainer(
+        max_epochs=1, device="cuda", progress="line", run_dir=None, log_every_n_steps=1000, plugins=[Strict()]
+    )
+    try:
+        trainer.fit(
+            model,
+            InMemoryLoader(x, y, batch_size=batch, shuffle=True, seed=0, device=device),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(),
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked == list(range(1, steps - 1))
