@@ -181,8 +181,10 @@ def test_the_plugin_state_round_trips_and_is_in_every_checkpoint(tmp_path: Path)
 
 def test_a_fresh_run_into_a_used_directory_warns(tmp_path: Path) -> None:
     fit(make_trainer(tmp_path, max_epochs=1))
-    with pytest.warns(UserWarning, match="already holds 1 checkpoint"):
+    with pytest.warns(UserWarning, match="already holds 1 checkpoint") as record:
         fit(make_trainer(tmp_path, max_epochs=1))
+    # Attributed to the user's code that started the run, not to a frame inside the loop.
+    assert record[0].filename == __file__
 
 
 # -- resume through the Trainer ------------------------------------------------------------

@@ -406,9 +406,9 @@ def test_any_iterable_of_batches_works_not_only_dataloaders() -> None:
 
 
 def test_a_finished_run_continues_for_more_epochs_from_its_last_checkpoint(tmp_path: Any) -> None:
-    def run(epochs: int, resume: str | None) -> tuple[dltrain.Trainer, nn.Module]:
+    def run(epochs: int, resume: str | None, folder: str = "ckpt") -> tuple[dltrain.Trainer, nn.Module]:
         model = tiny_model()
-        trainer = make_trainer(max_epochs=epochs, checkpoint={"dir": tmp_path / "ckpt"})
+        trainer = make_trainer(max_epochs=epochs, checkpoint={"dir": tmp_path / folder})
         trainer.fit(
             model,
             tiny_loader(),
@@ -423,7 +423,7 @@ def test_a_finished_run_continues_for_more_epochs_from_its_last_checkpoint(tmp_p
     resumed, model = run(3, "last")
     assert resumed.state is not None and resumed.state.epoch == 3
     assert [row["epoch"] for row in resumed.history.epochs] == [1, 2, 3]
-    _, straight_model = run(3, None)
+    _, straight_model = run(3, None, "straight")  # a directory of its own: a fresh run
     for a, b in zip(model.parameters(), straight_model.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -446,10 +446,10 @@ def test_state_epoch_counts_completed_epochs_after_an_early_stop() -> None:
 
 
 def test_resume_replays_the_order_of_a_dataloader_with_its_own_generator(tmp_path: Any) -> None:
-    def run(max_steps: int, resume: str | None) -> nn.Module:
+    def run(max_steps: int, resume: str | None, folder: str = "ckpt") -> nn.Module:
         model = tiny_model()
         loader = tiny_loader(samples=64, batch_size=8, shuffle=True, seed=5)  # DataLoader(generator=...)
-        trainer = make_trainer(max_steps=max_steps, checkpoint={"dir": tmp_path / "ckpt", "every_n_steps": 1})
+        trainer = make_trainer(max_steps=max_steps, checkpoint={"dir": tmp_path / folder, "every_n_steps": 1})
         trainer.fit(
             model,
             loader,
@@ -461,7 +461,7 @@ def test_resume_replays_the_order_of_a_dataloader_with_its_own_generator(tmp_pat
 
     run(11, None)  # stops inside the second epoch
     resumed = run(20, "last")
-    straight = run(20, None)
+    straight = run(20, None, "straight")
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -473,10 +473,10 @@ def test_resume_at_an_epochs_end_continues_a_dataloaders_own_generator(
     """A checkpoint at an epoch's end carries the loader's generator: the next epoch's shuffle
     is the uninterrupted run's, not the loader's first one again."""
 
-    def run(max_epochs: int, resume: str | None) -> nn.Module:
+    def run(max_epochs: int, resume: str | None, folder: str = "ckpt") -> nn.Module:
         model = tiny_model()
         loader = tiny_loader(samples=64, batch_size=8, shuffle=True, seed=5)  # DataLoader(generator=...)
-        trainer = make_trainer(max_epochs=max_epochs, checkpoint={"dir": tmp_path / "ckpt"})
+        trainer = make_trainer(max_epochs=max_epochs, checkpoint={"dir": tmp_path / folder})
         trainer.fit(
             model,
             loader,
@@ -489,7 +489,7 @@ def test_resume_at_an_epochs_end_continues_a_dataloaders_own_generator(
 
     run(2, None)  # ends at an epoch boundary, with a checkpoint there
     resumed = run(4, "last")
-    straight = run(4, None)
+    straight = run(4, None, "straight")
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dltrain._warnings import warn
 from dltrain.checkpoint._io import MANIFEST_SUFFIX, PAYLOAD_SUFFIX, read_manifest, safe_load, verify_payload
 from dltrain.checkpoint._store import CheckpointInfo, rank_best, scan
 from dltrain.errors import CheckpointError
@@ -101,10 +101,7 @@ def _try_in_order(
             payload = safe_load(info.payload_path)
         except CheckpointError as exc:
             problems.append(str(exc))
-            warnings.warn(
-                f"skipping checkpoint {str(info.payload_path)!r} for resume={what!r}: {exc}",
-                stacklevel=4,
-            )
+            warn(f"skipping checkpoint {str(info.payload_path)!r} for resume={what!r}: {exc}")
             continue
         return payload, info.payload_path
     raise CheckpointError(
@@ -154,7 +151,7 @@ def load_for_resume(
 def _load_special(which: str, directory: Path) -> tuple[dict[str, Any], Path]:
     infos, problems = scan(directory)
     for path, problem in problems:
-        warnings.warn(f"ignoring {str(path)!r} for resume={which!r}: {problem}", stacklevel=3)
+        warn(f"ignoring {str(path)!r} for resume={which!r}: {problem}")
     if not infos:
         where = "does not exist" if not directory.is_dir() else "holds no complete checkpoint"
         raise CheckpointError(

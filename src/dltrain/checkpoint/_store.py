@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from dltrain._warnings import warn
 from dltrain.checkpoint._io import (
     FORMAT,
     FORMAT_VERSION,
@@ -404,4 +404,4 @@ def _delete(info: CheckpointInfo, step: int) -> None:
         maybe_fault("delete", step)
         info.payload_path.unlink(missing_ok=True)
     except OSError as exc:
-        warnings.warn(f"could not delete old checkpoint {str(info.payload_path)!r}: {exc}", stacklevel=4)
+        warn(f"could not delete old checkpoint {str(info.payload_path)!r}: {exc}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from dltrain._warnings import warn
 from dltrain.data import InMemoryLoader
 from dltrain.errors import DataError
 from dltrain.state import Phase
@@ -85,12 +85,11 @@ def shard_data(data: Any, rank: int, world: int, phase: Phase, *, seed: int) -> 
         ):
             return _shard_loader(data, rank, world, phase=phase, seed=seed)
     if rank == 0:
-        warnings.warn(
+        warn(
             f"the {phase.value} data (a {type(data).__name__}) cannot be sharded automatically, so "
             f"every one of the {world} processes uses all of it. Pass a DataLoader with the default "
             f"sampler (shuffle=True or False), an InMemoryLoader, or give each rank its own shard "
-            f"(e.g. with torch.utils.data.DistributedSampler)",
-            stacklevel=2,
+            f"(e.g. with torch.utils.data.DistributedSampler)"
         )
     return None
 

@@ -26,7 +26,6 @@ checkpoints stay.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ import torch
 
 from dltrain._markers import hookimpl
 from dltrain._nonfinite import finite_flags
+from dltrain._warnings import warn
 from dltrain.checkpoint import CheckpointInfo, list_checkpoints, next_name, save_checkpoint
 from dltrain.checkpoint._io import finite_or_none
 from dltrain.errors import CheckpointError
@@ -116,12 +116,11 @@ class CheckpointPlugin:
         if state.global_step == 0 and state.is_global_zero:
             existing = list_checkpoints(self._cfg.dir)
             if existing:
-                warnings.warn(
+                warn(
                     f"checkpoint directory {str(self._cfg.dir)!r} already holds {len(existing)} "
                     f"checkpoint(s) of an earlier run; this run's saves count as newer, and the older "
                     f"ones are deleted by keep_last/keep_best as new ones come. Use a new directory "
                     f"to keep them, or pass resume='last' to continue that run",
-                    stacklevel=2,
                 )
 
     # -- triggers ---------------------------------------------------------------
@@ -193,11 +192,10 @@ class CheckpointPlugin:
         bad = _nonfinite_parameters(trainer.model)
         if bad:
             if state.is_global_zero:
-                warnings.warn(
+                warn(
                     f"not saving a checkpoint at global step {state.global_step}: the model has NaN or "
                     f"infinite weights in {bad[:5]}; the earlier checkpoints in {str(self._cfg.dir)!r} "
                     f"are kept",
-                    stacklevel=2,
                 )
             return
         if not state.is_global_zero:

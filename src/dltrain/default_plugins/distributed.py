@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import warnings
 from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +60,7 @@ from torch.distributed.rendezvous import rendezvous
 
 from dltrain._loop import unwrap_model
 from dltrain._markers import hookimpl
+from dltrain._warnings import warn
 from dltrain.default_plugins import _fsdp
 from dltrain.default_plugins._sharding import ShardSampler, shard_data
 from dltrain.errors import ConfigError, DeviceError
@@ -391,7 +391,7 @@ class DistributedPlugin:
             elif self._own_flag_group and self._flag_group is not None and dist.is_initialized():
                 dist.destroy_process_group(self._flag_group)
         except Exception as exc:  # pragma: no cover - never hide the run's own error
-            warnings.warn(f"dltrain: destroying the process group failed: {exc!r}", stacklevel=2)
+            warn(f"dltrain: destroying the process group failed: {exc!r}")
         finally:
             self._created_group, self._own_flag_group, self._flag_group = False, False, None
 
