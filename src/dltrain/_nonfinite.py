@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dltrain._running import stack_scalars
 from dltrain.errors import NonFiniteError
 from dltrain.state import State
 
@@ -108,10 +109,7 @@ class NonFiniteGuard:
         window = self.window
         if self.skips or not window:
             return None
-        try:  # the usual case, 0-dim losses: one op (reshaping each would cost ~3 us a loss)
-            losses = torch.stack(window).float().reshape(-1)
-        except RuntimeError:  # mixed shapes such as () and (1,)
-            losses = torch.stack([t.reshape(()) for t in window]).float()
+        losses = stack_scalars(window).float()
         window.clear()  # in place: the loop holds this list
         epoch, first_batch, since, first_micro = self._start
         named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]

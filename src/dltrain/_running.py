@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["RunningMean"]
+__all__ = ["RunningMean", "stack_scalars"]
+
+
+def stack_scalars(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Scalar tensors (of shape ``()`` or ``(1,)``) as one 1-d tensor, without a host sync.
+
+    The usual case, all 0-d or all of one shape, is one ``stack``; reshaping
+    each tensor first would cost a view (about 3 us on a CPU) per value.
+    """
+    try:
+        return torch.stack(list(values)).reshape(-1)
+    except RuntimeError:  # mixed shapes such as () and (1,)
+        return torch.stack([t.reshape(()) for t in values])
 
 
 class RunningMean:
@@ -28,21 +42,18 @@ class RunningMean:
 
     def add(self, value: torch.Tensor) -> None:
         """Add one scalar tensor (its graph is not kept)."""
-        self._pending.append(value.detach() if value.requires_grad else value)
-        self._count += 1
-        if len(self._pending) >= self._fold_every:
-            self._fold()
+        self.add_total(value, 1)
 
     def add_total(self, total: torch.Tensor, count: int) -> None:
         """Add the sum of ``count`` values at once (a scalar tensor, not read now)."""
-        self._pending.append(total.detach())
+        self._pending.append(total.detach() if total.requires_grad else total)
         self._count += count
         if len(self._pending) >= self._fold_every:
             self._fold()
 
     def _fold(self) -> torch.Tensor | None:
         if self._pending:
-            part = torch.stack(self._pending).to(torch.float64).sum()
+            part = stack_scalars(self._pending).to(torch.float64).sum()
             self._sum = part if self._sum is None else self._sum + part
             self._pending.clear()
         return self._sum

@@ -12,11 +12,12 @@ __all__ = ["warn"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _PLUGGY_DIR = os.path.dirname(os.path.abspath(pluggy.__file__)) + os.sep
-_CALLER_PREFIX = "<dltrain hook caller "  # the generated hook callers (dltrain._hooks)
+# dltrain, pluggy, the generated hook callers (dltrain._hooks) and frozen standard modules.
+_INTERNAL_PREFIXES = (_PACKAGE_DIR, _PLUGGY_DIR, "<dltrain hook caller ", "<frozen ")
 
 
 def _internal(filename: str) -> bool:
-    return filename.startswith((_PACKAGE_DIR, _PLUGGY_DIR, _CALLER_PREFIX)) or filename.startswith("<frozen ")
+    return filename.startswith(_INTERNAL_PREFIXES)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:

@@ -60,6 +60,14 @@ def resolve_device(request: str) -> torch.device:
     return device
 
 
+def _all_tensors_on(batch: tuple[Any, ...], device: torch.device) -> bool:
+    """Whether every item of the tuple is a plain tensor already on ``device``."""
+    for b in batch:  # noqa: SIM110 - a loop, not all(...): no generator frame per batch
+        if type(b) is not torch.Tensor or b.device != device:
+            return False
+    return True
+
+
 def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor inside ``batch`` to ``device``.
 
@@ -71,10 +79,7 @@ def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False)
             return batch
         return batch.to(device, non_blocking=non_blocking and batch.is_pinned())
     if isinstance(batch, tuple):
-        for b in batch:
-            if type(b) is not torch.Tensor or b.device != device:
-                break
-        else:
+        if _all_tensors_on(batch, device):
             return batch  # the usual case on the CPU, or data already on the device
         moved = [move_to_device(b, device, non_blocking) for b in batch]
         if hasattr(batch, "_fields"):  # named tuple
@@ -126,12 +131,8 @@ class DevicePlugin:
     @hookimpl(trylast=True)
     def transfer_batch(self, batch: Any, device: torch.device) -> Any:
         """Move the batch to ``device``, non-blocking from pinned memory on CUDA."""
-        if type(batch) is tuple:  # the usual batch, often already there: answered without a call
-            for b in batch:
-                if type(b) is not torch.Tensor or b.device != device:
-                    break
-            else:
-                return batch
+        if type(batch) is tuple and _all_tensors_on(batch, device):  # the usual batch, often there
+            return batch
         return move_to_device(batch, device, non_blocking=device.type == "cuda")
 
 

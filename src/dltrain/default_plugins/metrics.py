@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import torch
 
 from dltrain._markers import hookimpl
+from dltrain._running import stack_scalars
 from dltrain.errors import DltrainError
 from dltrain.state import Phase
 
@@ -112,7 +113,7 @@ _FOLD = 256
 
 def _weighted_sum(losses: list[torch.Tensor], batch_size: int) -> torch.Tensor:
     """``batch_size * sum(losses)`` in float64; losses may be 0-d or of shape (1,)."""
-    return torch.stack([t.reshape(()) if t.dim() else t for t in losses]).to(torch.float64).sum() * batch_size
+    return stack_scalars(losses).to(torch.float64).sum() * batch_size
 
 
 class MetricsPlugin:
@@ -257,7 +258,7 @@ class MetricsPlugin:
         if sums is None:
             return None
         state = trainer.state
-        pending = [t.reshape(()) for t in sums.pending]
+        pending = sums.pending
         if state is not None and state.world_size > 1 and torch.distributed.is_initialized():
             packed = sums.packed()
             torch.distributed.all_reduce(packed)
@@ -269,7 +270,7 @@ class MetricsPlugin:
             count, loss_count = sums.count, sums.loss_count
         return {
             "loss": loss.cpu(),
-            "pending": torch.stack(pending).cpu() if pending else torch.zeros(0),
+            "pending": stack_scalars(pending).cpu() if pending else torch.zeros(0),
             "pending_batch_size": sums.pending_bs if pending else 0,
             "correct": correct.cpu(),
             "custom": custom.cpu(),
