@@ -494,6 +494,32 @@ def test_resume_at_an_epochs_end_continues_a_dataloaders_own_generator(
         assert torch.equal(a, b)
 
 
+def test_on_train_batch_end_gets_the_undivided_loss_detached() -> None:
+    """Backward has used the graph: plugins get the loss as a plain value, divided by nothing."""
+    seen: list[tuple[bool, float]] = []
+
+    class Watch:
+        @hookimpl
+        def on_before_backward(self, loss: torch.Tensor) -> None:
+            seen.append((loss.requires_grad, float(loss.detach())))
+
+        @hookimpl
+        def on_train_batch_end(self, output: StepOutput) -> None:
+            assert output.loss is not None
+            seen.append((output.loss.requires_grad, float(output.loss)))
+
+    model = tiny_model()
+    make_trainer(max_epochs=1, accumulate_grad_batches=2, plugins=[Watch()]).fit(
+        model,
+        tiny_loader(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+    before, after = seen[0::2], seen[1::2]
+    assert before and all(grad for grad, _ in before) and not any(grad for grad, _ in after)
+    assert [value for _, value in after] == pytest.approx([2 * value for _, value in before])
+
+
 def test_on_step_metrics_gets_each_intervals_mean_loss_and_lr() -> None:
     class Recorder:
         def __init__(self) -> None:
