@@ -92,6 +92,12 @@ class Loop:
         self.resume_generators: list[torch.Tensor] | None = None  # the loader's own RNG at the save
         self.on_before_optimizer_step: Any = None  # its caller, fetched at each training epoch's start
         self.tracks_steps = False  # a plugin implements on_step_metrics
+        self.accum, self.log_every = self.config.accumulate_grad_batches, self.config.log_every_n_steps
+        # An optimizer step with nothing to do first: no scaler, no clipping, no skip policy.
+        self.plain_update = (
+            self.scaler is None and not self.nonfinite.skips and self.config.gradient_clip_val is None
+        )
+        self.step_scheduler: Any = None  # the scheduler when it steps per optimizer step
 
     # -- resume ---------------------------------------------------------------
 
@@ -248,6 +254,7 @@ class Loop:
         self.on_before_optimizer_step = h.get("on_before_optimizer_step")
         on_log, window, log_every = h.get("on_step_metrics"), self.step_window, cfg.log_every_n_steps
         self.tracks_steps = on_log is not None
+        self.step_scheduler = trainer.scheduler if cfg.scheduler_interval == "step" else None
         _require_step(step_hook, "training_step")
         scaler, nonfinite, max_steps = self.scaler, self.nonfinite, cfg.max_steps
         watched = None if nonfinite.skips else nonfinite.window
@@ -319,8 +326,34 @@ class Loop:
             return batch, step(trainer=trainer, state=state, model=model, batch=batch)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> None:
-        cfg, state, trainer, scaler = self.config, self.state, self.trainer, self.scaler
-        accum = cfg.accumulate_grad_batches
+        """Step the optimizer on the gradients of ``micro_steps`` micro-batches, then zero them."""
+        state, scaler = self.state, self.scaler
+        if self.plain_update and micro_steps == self.accum:
+            skip = False  # the usual update: a full group, no scaler, clipping or skip policy
+        else:
+            skip = self._prepare_grads(optimizer, micro_steps)
+        if skip:
+            state.skipped_steps += 1
+        else:
+            if self.on_before_optimizer_step is not None:
+                self.on_before_optimizer_step(trainer=self.trainer, state=state, optimizer=optimizer)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+        if scaler is not None:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.micro_step = 0
+        state.global_step += 1
+        if self.step_scheduler is not None and not skip:
+            self.step_scheduler.step()
+        if state.global_step % self.log_every == 0:
+            self._check_nonfinite()
+
+    def _prepare_grads(self, optimizer: torch.optim.Optimizer, micro_steps: int) -> bool:
+        """Unscale, undo the 1/accum scaling of a partial group, clip; whether to skip the step."""
+        cfg, scaler, accum = self.config, self.scaler, self.accum
         partial = micro_steps != accum
         skip_policy = self.nonfinite.skips
         params = (
@@ -342,24 +375,7 @@ class Loop:
             # A finite loss can have NaN gradients. Checked even after a local NaN loss: with
             # sharded (FSDP) gradients the check is a collective every process must join.
             skip = not self.nonfinite.grads_finite(params) or skip
-        if skip:
-            state.skipped_steps += 1
-        else:
-            if self.on_before_optimizer_step is not None:
-                self.on_before_optimizer_step(trainer=trainer, state=state, optimizer=optimizer)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-        if scaler is not None:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.micro_step = 0
-        state.global_step += 1
-        if trainer.scheduler is not None and cfg.scheduler_interval == "step" and not skip:
-            trainer.scheduler.step()
-        if state.global_step % cfg.log_every_n_steps == 0:
-            self._check_nonfinite()
+        return skip
 
     def _check_nonfinite(self) -> None:
         """Apply the non-finite policy to the losses since the last check (one sync); when a
