@@ -39,6 +39,8 @@ def unpack_batch(batch: Any, *, allow_no_targets: bool = False) -> tuple[Any, An
         DataError: the batch has another shape; the message says what was
             seen and how to support it.
     """
+    if type(batch) is tuple and len(batch) == 2:  # the usual batch, without the checks below
+        return batch
     if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
         if len(batch) == 2:
             return batch[0], batch[1]
@@ -70,13 +72,15 @@ def unpack_batch(batch: Any, *, allow_no_targets: bool = False) -> tuple[Any, An
 
 def batch_size_of(x: Any) -> int:
     """Number of samples in ``x``: the first dimension of its first tensor (1 if none)."""
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() > 0 else 1
-    if isinstance(x, (tuple, list)) and x:
-        return batch_size_of(x[0])
-    if isinstance(x, Mapping) and x:
-        return batch_size_of(next(iter(x.values())))
-    return 1
+    while True:  # a loop, not recursion: one frame for the usual (inputs, targets) batch
+        if isinstance(x, torch.Tensor):
+            return x.shape[0] if x.dim() > 0 else 1
+        if isinstance(x, (tuple, list)) and x:
+            x = x[0]
+        elif isinstance(x, Mapping) and x:
+            x = next(iter(x.values()))
+        else:
+            return 1
 
 
 def _call_model(model: torch.nn.Module, inputs: Any) -> Any:
