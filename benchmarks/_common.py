@@ -6,6 +6,7 @@ Not a public module: the scripts import it from their own folder.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import sys
 import time
@@ -167,6 +168,19 @@ class EpochTimer:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_interval(
+    values: Sequence[float], level: float = 0.9, resamples: int = 2000
+) -> tuple[float, float]:
+    """A bootstrap interval for the median of ``values`` (seeded: the same values give the same
+    interval). It treats the values as independent, which neighbouring epochs only nearly are."""
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = int(resamples * (1 - level) / 2)
+    return medians[tail], medians[-tail - 1]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -1,19 +1,24 @@
 """What dltrain's loop costs over a hand-written PyTorch loop, on MNIST-sized work.
 
-Every variant trains its own copy of the same MLP (784-128-64-10, the MNIST
-example's ``Net``) with SGD (lr 0.01) on the same in-memory batches of 100,
-one epoch at a time. The variants run interleaved in one process, after a
-warm-up round: in each round every variant (in a rotating order) runs one
-epoch right next to an epoch of the plain loop (plain first in even rounds,
-second in odd ones), and the ratio of that pair is one sample. The table
-gives the median over rounds, so drift in the machine's speed, which a pair
-of adjacent epochs shares, cancels out. It also gives the extra time per step
-(median of the pairs' differences) and the ratio of the fastest epochs
-(noise only ever adds time, so the fastest epochs are the least disturbed).
+Every variant trains the same MLP (784-128-64-10, the MNIST example's
+``Net``) with SGD (lr 0.01) on the same in-memory batches of 100, one epoch
+at a time: one model and one loader serve them all, so only the loop
+differs. The variants run interleaved in one process, after a warm-up round.
+Each round runs the plain loop, then a variant, then the plain loop, then
+the next variant, and so on (in a rotating order); a variant's epoch divided
+by the mean of the plain epochs right before and after it is one sample.
+The table gives the median over rounds, so a drift in the machine's speed,
+which neighbouring epochs share, cancels out. It also gives a 90% bootstrap
+interval of that median, the extra time per step (median of the samples'
+differences) and the ratio of the fastest epochs (noise only ever adds
+time, so the fastest epochs are the least disturbed).
 
 Variants:
 
 - plain: the loop a careful PyTorch user writes (see ``_common.plain_epoch``).
+- plain again: the same loop timed as if it were a variant, an A/A control.
+  Its ratio is 1 plus measurement noise: a variant whose interval overlaps
+  the control's cannot be told apart from the plain loop on this machine.
 - dltrain: ``Trainer.fit`` with its default plugins (device, step, metrics:
   epoch loss and accuracy accumulated on the device), one ``fit`` call per epoch,
   so its per-run set-up is counted too.
@@ -23,7 +28,8 @@ Variants:
   a four-line ``training_step`` plugin supplies the loss. The loop alone.
 - Lightning, Ignite: when installed.
 
-    python benchmarks/overhead.py                   # 5 rounds on the full 60,000 images
+    python benchmarks/overhead.py                   # 20 rounds on the full 60,000 images
+    python benchmarks/overhead.py --rounds 60       # a tighter interval (about 8 minutes)
     python benchmarks/overhead.py --quick           # seconds; a smoke test, not a measurement
 
 The last line is ``RESULT overhead_ratio=<dltrain/plain> bare_ratio=<bare/plain>``.
@@ -47,6 +53,7 @@ from _common import (
     example_net,
     fmt,
     median,
+    median_interval,
     mnist_tensors,
     plain_epoch,
     table,
@@ -70,6 +77,8 @@ class MinimalStep:
 
 
 EpochFn = Callable[[], None]
+
+CONTROL = "plain loop again (A/A control)"
 
 
 def _plain(model: nn.Module, loader: InMemoryLoader) -> EpochFn:
@@ -165,7 +174,7 @@ def _ignite(model: nn.Module, loader: InMemoryLoader, device: str) -> EpochFn | 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=default_data_dir(), help="directory holding MNIST/raw/")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (one epoch of each)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (one epoch of each)")
     parser.add_argument("--quick", action="store_true", help="2,000 images, 2 rounds: seconds")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument(
@@ -187,80 +196,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     template = example_net()()
 
     variants: dict[str, EpochFn | str] = {}
-
-    # Each fit starts a new run at epoch 0, so every round of a dltrain variant
-    # sees the same shuffle; that changes no timing.
-    def loader() -> InMemoryLoader:
-        return InMemoryLoader(x, y, batch_size=100, shuffle=True, seed=0, device=device)
-
-    def model() -> nn.Module:
-        return copy.deepcopy(template).to(device)
-
-    variants["plain loop"] = _plain(model(), loader())
-    variants["dltrain (default plugins)"] = _dltrain(model(), loader(), device)
-    variants["dltrain, train_accuracy=True"] = _dltrain(model(), loader(), device, train_accuracy=True)
+    # Every variant trains the same model on the same batches (one loader), so the only
+    # difference between them is the loop; each framework gets its own SGD (stateless).
+    model = copy.deepcopy(template).to(device)
+    loader = InMemoryLoader(x, y, batch_size=100, shuffle=True, seed=0, device=device)
+    plain = _plain(model, loader)
+    variants[CONTROL] = plain  # the plain loop again, timed as a variant: the noise floor
+    variants["dltrain (default plugins)"] = _dltrain(model, loader, device)
+    variants["dltrain, train_accuracy=True"] = _dltrain(model, loader, device, train_accuracy=True)
     variants["dltrain, bare (all built-ins off)"] = _dltrain(
-        model(),
-        loader(),
-        device,
-        disable_plugins=dltrain.BUILTIN_PLUGINS,
-        plugins=[MinimalStep()],
+        model, loader, device, disable_plugins=dltrain.BUILTIN_PLUGINS, plugins=[MinimalStep()]
     )
-    variants["Lightning"] = _lightning(model(), loader(), device)
-    variants["Ignite"] = _ignite(model(), loader(), device)
-    runnable = [name for name, fn in variants.items() if callable(fn)]
-
-    plain = variants["plain loop"]
-    assert callable(plain)
-    others = [name for name in runnable if name != "plain loop"]
-    times: dict[str, list[float]] = {name: [] for name in runnable}
-    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in others}  # (variant, plain)
+    variants["Lightning"] = _lightning(model, loader, device)
+    variants["Ignite"] = _ignite(model, loader, device)
+    others = [name for name, fn in variants.items() if callable(fn)]
+    times: dict[str, list[float]] = {name: [] for name in others}
+    plain_times: list[float] = []
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in others}  # (variant, plain)
 
     def timed(fn: EpochFn) -> float:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
 
+    # Each round: plain, A, plain, B, plain, ... in a rotating order. A variant's epoch is
+    # compared with the mean of the plain epochs right before and after it, so a drift in
+    # the machine's speed (which neighbouring epochs share) cancels out to first order.
     for r in range(rounds + 1):  # round 0 warms up and is not counted
         shift = r % len(others)
+        before = timed(plain)
         for name in others[shift:] + others[:shift]:
             fn = variants[name]
             assert callable(fn)
-            if r % 2:
-                t_variant, t_plain = timed(fn), timed(plain)
-            else:
-                t_plain, t_variant = timed(plain), timed(fn)
+            t_variant = timed(fn)
+            after = timed(plain)
             if r:
-                pairs[name].append((t_variant, t_plain))
+                samples[name].append((t_variant, (before + after) / 2))
                 times[name].append(t_variant)
-                times["plain loop"].append(t_plain)
+                plain_times.append(after)
+            before = after
 
-    steps = len(loader())
+    steps = len(loader)
     rows = []
-    ratios: dict[str, float] = {"plain loop": 1.0}
-    rows.append(["plain loop", f"{median(times['plain loop']):.3f}", "", fmt(1.0), "", "", ""])
+    ratios: dict[str, float] = {}
+    rows.append(["plain loop", f"{median(plain_times):.3f}", "", fmt(1.0), "", "", ""])
     for name, fn in variants.items():
-        if name == "plain loop":
-            continue
         if not callable(fn):
             rows.append([name, fn, "", "", "", "", ""])
             continue
-        per_round = [t / b for t, b in pairs[name]]
-        extra_us = median([1e6 * (t - b) / steps for t, b in pairs[name]])
+        per_round = [t / b for t, b in samples[name]]
+        extra_us = median([1e6 * (t - b) / steps for t, b in samples[name]])
         ratios[name] = median(per_round)
-        fastest = min(times[name]) / min(b for _, b in pairs[name])
+        low, high = median_interval(per_round)
+        fastest = min(times[name]) / min(plain_times)
         rows.append(
             [
                 name,
                 f"{median(times[name]):.3f}",
                 f"{extra_us:+.0f}",
                 fmt(ratios[name]),
-                f"{min(per_round):.3f}-{max(per_round):.3f}",
+                f"{low:.3f}-{high:.3f}",
                 fmt(fastest),
-                f"{1e6 * (min(times[name]) - min(b for _, b in pairs[name])) / steps:+.0f}",
+                f"{1e6 * (min(times[name]) - min(plain_times)) / steps:+.0f}",
             ]
         )
-    print(f"data: {source}; {len(x)} images, batch 100, {len(loader())} steps per epoch")
+    print(f"data: {source}; {len(x)} images, batch 100, {steps} steps per epoch")
     print(
         f"device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{rounds} rounds after 1 warm-up" + ("; --quick: not a measurement" if args.quick else "")
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "epoch s (median)",
         "µs/step over plain",
         "ratio to plain",
-        "ratio range",
+        "90% interval",
         "fastest/fastest",
         "µs/step (fastest)",
     ]
