@@ -215,13 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants["Lightning"] = _lightning(model, loader, device)
     variants["Ignite"] = _ignite(model, loader, device)
     others = [name for name, fn in variants.items() if callable(fn)]
-    times: dict[str, list[float]] = {name: [] for name in others}
-    plain_times: list[float] = []
-    # the plain epoch right after each of a variant's: as many as the variant's own, so the
-    # fastest of each comes from the same number of tries (the fastest of all plain epochs
-    # would be biased low against any one variant)
-    plain_after: dict[str, list[float]] = {name: [] for name in others}
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in others}  # (variant, plain)
+    # per variant, per round: (its epoch, the plain epoch before it, the plain epoch after it)
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in others}
 
     def timed(fn: EpochFn) -> float:
         # A training run is many epochs of one loop, not alternating loops: an epoch right
@@ -245,35 +240,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_variant = timed(fn)
             after = timed(plain)
             if r:
-                samples[name].append((t_variant, (before + after) / 2))
-                times[name].append(t_variant)
-                plain_times.append(after)
-                plain_after[name].append(after)
+                samples[name].append((t_variant, before, after))
             before = after
 
     steps = len(loader)
     rows = []
     ratios: dict[str, float] = {}
+    plain_times = [after for runs in samples.values() for _, _, after in runs]
     rows.append(["plain loop", f"{median(plain_times):.3f}", "", fmt(1.0), "", "", ""])
     for name, fn in variants.items():
         if not callable(fn):
             rows.append([name, fn, "", "", "", "", ""])
             continue
-        per_round = [t / b for t, b in samples[name]]
-        extra_us = median([1e6 * (t - b) / steps for t, b in samples[name]])
+        times = [t for t, _, _ in samples[name]]
+        baseline = [(before + after) / 2 for _, before, after in samples[name]]
+        per_round = [t / b for t, b in zip(times, baseline, strict=True)]
+        extra_us = median([1e6 * (t - b) / steps for t, b in zip(times, baseline, strict=True)])
         ratios[name] = median(per_round)
         low, high = median_interval(per_round)
-        fastest_plain = min(plain_after[name])
-        fastest = min(times[name]) / fastest_plain
+        # the fastest of the plain epochs right after this variant's: as many tries as the
+        # variant's own (the fastest of all plain epochs would be biased low against any one)
+        fastest_plain = min(after for _, _, after in samples[name])
+        fastest = min(times) / fastest_plain
         rows.append(
             [
                 name,
-                f"{median(times[name]):.3f}",
+                f"{median(times):.3f}",
                 f"{extra_us:+.0f}",
                 fmt(ratios[name]),
                 f"{low:.3f}-{high:.3f}",
                 fmt(fastest),
-                f"{1e6 * (min(times[name]) - fastest_plain) / steps:+.0f}",
+                f"{1e6 * (min(times) - fastest_plain) / steps:+.0f}",
             ]
         )
     print(f"data: {source}; {len(x)} images, batch 100, {steps} steps per epoch")
