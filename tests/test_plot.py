@@ -86,5 +86,5 @@ def test_without_matplotlib_the_error_names_the_extra(
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(DltrainError, match=r"pip install 'dltrain\[plot\]'"):
+    with pytest.raises(DltrainError, match=r"pip install 'torch-dltrain\[plot\]'"):
         plot_run(tmp_path)

@@ -129,7 +129,7 @@ def test_auto_draws_a_bar_in_a_terminal_and_lines_elsewhere(monkeypatch: pytest.
 
 def test_a_bar_without_tqdm_is_an_error_that_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress, "_tqdm_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"pip install 'dltrain\[progress\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'torch-dltrain\[progress\]'"):
         make_trainer(progress="bar")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from dltrain._markers import hookimpl, hookspec
+from dltrain._markers import DISTRIBUTION, hookimpl, hookspec
 from dltrain._plugin_manager import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginInfo
 from dltrain._rng import seed_everything
 from dltrain.data import InMemoryLoader
@@ -83,7 +83,7 @@ def __getattr__(name: str) -> Any:
     if name == "__version__":
         from importlib.metadata import version
 
-        return version("dltrain")
+        return version(DISTRIBUTION)
     raise AttributeError(f"module 'dltrain' has no attribute {name!r}")
 
 

@@ -10,6 +10,9 @@ import pluggy
 
 PROJECT_NAME = "dltrain"
 
+#: The distribution's name on the package index (``pip install torch-dltrain``); the import name is ``dltrain``.
+DISTRIBUTION = "torch-dltrain"
+
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 """Marks a hook specification (used by :mod:`dltrain.hookspecs`)."""
 

@@ -6,7 +6,7 @@ epoch, the step-level training loss as a thin line behind them, the test
 value (when the run was tested) as a star after the last epoch, and the
 learning rate when it changed during the run.
 
-Needs matplotlib (``pip install 'dltrain[plot]'``), imported only when a
+Needs matplotlib (``pip install 'torch-dltrain[plot]'``), imported only when a
 plot is drawn. It draws with the Agg canvas directly, so it works without a
 display and leaves pyplot's global backend alone.
 """
@@ -100,7 +100,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise DltrainError(
-            "plotting needs matplotlib, which is not installed: pip install 'dltrain[plot]'"
+            "plotting needs matplotlib, which is not installed: pip install 'torch-dltrain[plot]'"
         ) from exc
 
     run = find_run(run_dir)

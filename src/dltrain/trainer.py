@@ -19,6 +19,7 @@ from dltrain import _checks
 from dltrain._compile import Compiler, check_backend
 from dltrain._hooks import Hooks
 from dltrain._loop import Loop, unwrap_model
+from dltrain._markers import DISTRIBUTION
 from dltrain._plugin_manager import PluginManager
 from dltrain._rng import get_rng_state, seed_everything
 from dltrain.config import TrainerConfig
@@ -30,7 +31,7 @@ __all__ = ["Trainer"]
 
 def _versions() -> dict[str, str]:
     try:
-        version = importlib.metadata.version("dltrain")
+        version = importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover
         version = "unknown"
     return {"dltrain": version, "torch": str(torch.__version__)}

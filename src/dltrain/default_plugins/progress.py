@@ -90,7 +90,7 @@ def resolve_mode(setting: str, stream: Any = None) -> ProgressMode:
         return "bar" if tty and _tqdm_available() else "line"
     if setting == "bar" and not _tqdm_available():
         raise ConfigError(
-            "progress='bar' needs tqdm, which is not installed: pip install 'dltrain[progress]', "
+            "progress='bar' needs tqdm, which is not installed: pip install 'torch-dltrain[progress]', "
             "or use progress='line' (one line per epoch) or 'auto'"
         )
     if setting not in ("bar", "line", "off"):
