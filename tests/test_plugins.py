@@ -356,3 +356,126 @@ def test_a_traceback_through_a_direct_hook_call_shows_the_calling_line() -> None
     frames = traceback.extract_tb(cause.__traceback__)
     caller = next(f for f in frames if f.filename.startswith("<dltrain hook caller on_train_epoch_start"))
     assert caller.line == "result = _impl0(state)"
+
+
+# --- blame: the (plugin, hook) as called, whatever the code objects --------------------------------
+
+
+def _logged(fn: Any) -> Any:
+    """A decorator a user might put on hook implementations: every decorated hook shares its code."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("failing", ["on_fit_start", "on_train_epoch_end", "on_train_batch_end"])
+def test_an_error_in_one_of_several_decorated_hooks_names_that_hook(failing: str) -> None:
+    class Decorated:
+        name = "decorated"
+
+        def _maybe_fail(self, hook: str) -> None:
+            if hook == failing:
+                raise RuntimeError(f"boom in {hook}")
+
+        @hookimpl
+        @_logged
+        def on_fit_start(self) -> None:
+            self._maybe_fail("on_fit_start")
+
+        @hookimpl
+        @_logged
+        def on_train_batch_end(self) -> None:
+            self._maybe_fail("on_train_batch_end")
+
+        @hookimpl
+        @_logged
+        def on_train_epoch_end(self) -> None:
+            self._maybe_fail("on_train_epoch_end")
+
+    with pytest.raises(PluginError, match=rf"plugin 'decorated' raised RuntimeError in hook '{failing}'"):
+        fit(make_trainer(plugins=[Decorated()], max_epochs=1))
+
+
+def _logged_wrapper(fn: Any) -> Any:
+    """The same for hook wrappers (generator functions)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return (yield from fn(*args, **kwargs))
+
+    return wrapper
+
+
+def test_an_error_in_a_wrapper_or_after_its_yield_names_that_wrapper() -> None:
+    class Wrapping:
+        name = "wrapping"
+
+        @hookimpl(wrapper=True)
+        @_logged_wrapper
+        def on_train_epoch_start(self) -> Any:
+            return (yield)
+
+        @hookimpl(wrapper=True)
+        @_logged_wrapper
+        def on_train_epoch_end(self) -> Any:
+            yield
+            raise RuntimeError("after the yield")
+
+    with pytest.raises(PluginError, match=r"plugin 'wrapping' raised RuntimeError in hook 'on_train_epoch_end'"):
+        fit(make_trainer(plugins=[Wrapping()], max_epochs=1))
+
+
+def test_the_hook_recorder_is_blamed_for_the_hook_it_was_recording() -> None:
+    from dltrain.testing import HookRecorder
+
+    class Failing(HookRecorder):
+        def record(self, hook_name: str, kwargs: dict[str, Any]) -> None:
+            if hook_name == "select_device":
+                raise RuntimeError("no device for you")
+            super().record(hook_name, kwargs)
+
+    with pytest.raises(PluginError, match=r"plugin 'recorder' raised RuntimeError in hook 'select_device'"):
+        fit(make_trainer(plugins=[Failing()]))
+
+
+def test_an_error_in_a_per_plugin_hook_names_the_plugin_and_hook() -> None:
+    class BadState:
+        name = "bad_state"
+
+        @hookimpl
+        @_logged
+        def compute_metrics(self) -> dict[str, float]:
+            raise ValueError("no metrics")
+
+    with pytest.raises(PluginError, match=r"plugin 'bad_state' raised ValueError in hook 'compute_metrics'"):
+        fit(make_trainer(plugins=[BadState()]))
+
+
+# --- tracing: pluggy's monitors see every call ----------------------------------------------------
+
+
+def test_pluggy_tracing_sees_every_hook_call_of_a_run() -> None:
+    from dltrain.testing import HookRecorder
+
+    recorder = HookRecorder()
+    trainer = make_trainer(plugins=[recorder], max_epochs=1)
+    traced: list[str] = []
+    undo = trainer.plugin_manager.pluggy_manager.add_hookcall_monitoring(
+        lambda hook_name, impls, kwargs: traced.append(hook_name), lambda *args: None
+    )
+    fit(trainer)
+    # The recorder implements every hook, so both list every call; compute_metrics is called on each
+    # plugin separately (the recorder and the built-in metrics plugin), and each call is traced.
+    assert traced.count("compute_metrics") == 2
+    once = [h for i, h in enumerate(traced) if not (h == "compute_metrics" and traced[i - 1] == h)]
+    assert once == recorder.calls
+    assert traced.count("on_train_batch_end") == 2
+    undo()
+    traced.clear()
+    fit(trainer)
+    assert traced == []  # undone: the fast callers again

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 __all__ = ["Hooks"]
 
 
+#: File names of generated hook callers start with this (tracebacks show them; blame reads them).
+CALLER_FILE_PREFIX = "<dltrain hook caller "
+
+
 def _direct(name: str, spec_args: Sequence[str], impls: Sequence[Any], *, firstresult: bool) -> Any:
     """A function that calls plain (non-wrapper) hook implementations as pluggy would, without its dispatch.
 
@@ -28,21 +32,29 @@ def _direct(name: str, spec_args: Sequence[str], impls: Sequence[Any], *, firstr
     ``__init__``: a call then costs two plain Python calls, with no
     keyword-argument dict, no argument list built per implementation and no
     loop (a third of what a generic ``**kwargs`` forwarder costs, per step).
+
+    Its globals also say who is called on which line (``_dltrain_owners``), so
+    an error is blamed on the (plugin, hook) that raised it from the traceback
+    alone (:func:`blame`), at no cost per call.
     """
     ordered = list(reversed(impls))
-    code = _caller_code(name, tuple(spec_args), tuple(tuple(i.argnames) for i in ordered), firstresult)
-    namespace = {f"_impl{i}": impl.function for i, impl in enumerate(ordered)}
+    code, lines = _caller_code(name, tuple(spec_args), tuple(tuple(i.argnames) for i in ordered), firstresult)
+    namespace: dict[str, Any] = {f"_impl{i}": impl.function for i, impl in enumerate(ordered)}
+    namespace["_dltrain_owners"] = {line: (ordered[i].plugin_name, name) for line, i in lines.items()}
     return types.FunctionType(code, namespace, name)
 
 
 @functools.lru_cache(maxsize=512)
 def _caller_code(
     name: str, spec_args: tuple[str, ...], impl_args: tuple[tuple[str, ...], ...], firstresult: bool
-) -> types.CodeType:
-    """The code of a caller for :func:`_direct`: it depends only on names, so it is compiled once."""
+) -> tuple[types.CodeType, dict[int, int]]:
+    """The code of a caller for :func:`_direct` and the line of each implementation's call
+    (line number -> implementation index). It depends only on names, so it is compiled once."""
     body: list[str] = []
+    calls: dict[int, int] = {}  # index in body -> implementation
     for i, argnames in enumerate(impl_args):
         call = f"_impl{i}({', '.join(argnames)})"
+        calls[len(body)] = i
         if firstresult:
             body += [f"result = {call}", "if result is not None:", "    return result"]
         elif len(impl_args) == 1:
@@ -53,15 +65,16 @@ def _caller_code(
         body.append("return None")
     elif len(impl_args) > 1:
         body = ["results = []", *body, "return results"]
+        calls = {index + 1: i for index, i in calls.items()}
     params = f"*, {', '.join(spec_args)}" if spec_args else ""
     source = f"def {name}({params}):\n" + "".join(f"    {line}\n" for line in body)
     # A file name of its own, with its source in linecache: tracebacks and warnings that pass
     # through the caller show its lines, e.g. "result = _impl1(trainer, state)".
-    filename = f"<dltrain hook caller {name} {zlib.crc32(source.encode()):08x}>"
+    filename = f"{CALLER_FILE_PREFIX}{name} {zlib.crc32(source.encode()):08x}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     module = compile(source, filename, "exec")
     code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
-    return code
+    return code, {index + 2: i for index, i in calls.items()}  # line 1 is the def
 
 
 class Hooks:
@@ -75,6 +88,7 @@ class Hooks:
     def __init__(self, manager: PluginManager) -> None:
         self._manager = manager
         self._callers: dict[str, Any] = {}
+        self._pluggy: dict[str, Any] = {}
 
     def refresh(self) -> None:
         """Re-read which hooks have implementations (call at the start of each run).
@@ -84,26 +98,34 @@ class Hooks:
         microseconds less per call. Hooks with wrappers go through pluggy.
         """
         relay = self._manager.hook
-        self._callers = {}
+        self._callers, self._pluggy = {}, {}
         for name, caller in vars(relay).items():
             if name.startswith("_"):
                 continue
             impls = caller.get_hookimpls()
             if not impls:
                 continue
+            self._pluggy[name] = caller
             if caller.spec is not None and not any(impl.wrapper or impl.hookwrapper for impl in impls):
                 firstresult = bool(caller.spec.opts.get("firstresult"))
                 self._callers[name] = _direct(name, caller.spec.argnames, impls, firstresult=firstresult)
             else:
                 self._callers[name] = caller
 
+    def _table(self) -> dict[str, Any]:
+        # Under a pluggy hook-call monitor (enable_tracing), every call goes through pluggy.
+        return self._pluggy if self._manager.monitored else self._callers
+
     def get(self, name: str) -> Any:
-        """The caller of hook ``name``, or None when no plugin implements it."""
-        return self._callers.get(name)
+        """The caller of hook ``name``, or None when no plugin implements it.
+
+        The loop fetches callers once per run or epoch, not per step.
+        """
+        return self._table().get(name)
 
     def call(self, name: str, **kwargs: Any) -> list[Any]:
         """Call hook ``name`` (all implementations); nothing happens without any."""
-        caller = self._callers.get(name)
+        caller = self._table().get(name)
         if caller is None:
             return []
         result: list[Any] = caller(**kwargs)
@@ -111,5 +133,5 @@ class Hooks:
 
     def call_first(self, name: str, **kwargs: Any) -> Any:
         """Call a first-result hook ``name``; None without implementations."""
-        caller = self._callers.get(name)
+        caller = self._table().get(name)
         return None if caller is None else caller(**kwargs)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from dltrain import hookspecs
+from dltrain._hooks import CALLER_FILE_PREFIX
 from dltrain._markers import PROJECT_NAME
 from dltrain.errors import PluginError
 
@@ -112,7 +113,7 @@ class PluginManager:
     """
 
     def __init__(self, config: TrainerConfig, plugins: Iterable[object] = ()) -> None:
-        self._pm = pluggy.PluginManager(PROJECT_NAME)
+        self._pm = _PluggyManager(PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         self._info: dict[str, PluginInfo] = {}
         self._blocked = set(config.disable_plugins)
@@ -129,7 +130,6 @@ class PluginManager:
         for plugin in plugins:
             self.register(plugin, source="user")
         self._check_pending()
-        self._code_index = self._index_hook_code()
 
     # -- registration ------------------------------------------------------
 
@@ -255,8 +255,19 @@ class PluginManager:
 
     @property
     def pluggy_manager(self) -> pluggy.PluginManager:
-        """The underlying ``pluggy.PluginManager`` (for advanced use)."""
+        """The underlying ``pluggy.PluginManager`` (for advanced use).
+
+        Its ``enable_tracing()`` and ``add_hookcall_monitoring()`` see every
+        hook call the Trainer makes: while one is installed, hooks are called
+        through pluggy's dispatch (slower by a few microseconds a call) instead
+        of the generated callers. Install it before a run, or between epochs.
+        """
         return self._pm
+
+    @property
+    def monitored(self) -> bool:
+        """Whether a pluggy hook-call monitor (tracing) is installed."""
+        return self._pm.monitors > 0
 
     def plugins(self) -> list[PluginInfo]:
         """The registered plugins, in registration order."""
@@ -298,11 +309,11 @@ class PluginManager:
         for impl in reversed(caller.get_hookimpls()):
             if impl.hookwrapper or impl.wrapper:
                 continue
-
-            def call(_impl: Any = impl, **kwargs: Any) -> Any:
-                return _impl.function(*[kwargs[a] for a in _impl.argnames])
-
-            yield impl.plugin_name, call
+            via = None
+            if self.monitored:  # through pluggy's dispatch, so that its monitors see the call
+                others = [p for p in self._pm.get_plugins() if p is not impl.plugin]
+                via = self._pm.subset_hook_caller(hook_name, others)
+            yield impl.plugin_name, _ImplCall(impl, hook_name, via)
 
     def call_each(self, hook_name: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Call ``hook_name`` on each implementing plugin separately, in call order.
@@ -315,31 +326,124 @@ class PluginManager:
 
     # -- errors ------------------------------------------------------------
 
-    def _index_hook_code(self) -> dict[types.CodeType, tuple[str, str, str]]:
-        index: dict[types.CodeType, tuple[str, str, str]] = {}
-        for hook_name in _HOOK_NAMES:
-            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
-                fn = getattr(impl.function, "__func__", impl.function)
-                code = getattr(fn, "__code__", None)
-                if code is not None:
-                    source = self._info[impl.plugin_name].source if impl.plugin_name in self._info else "user"
-                    index[code] = (impl.plugin_name, hook_name, source)
-        return index
-
     def culprit(self, exc: BaseException) -> tuple[str, str, str] | None:
-        """The (plugin name, hook name, source) whose hook raised ``exc``, if any.
+        """The (plugin name, hook name, source) whose hook implementation raised ``exc``, if any.
 
-        Walks the traceback for the innermost frame that belongs to a hook
-        implementation: free at run time, since nothing is wrapped.
+        Read from the traceback alone, at the innermost place where a hook
+        implementation was called (see :func:`_called_impl`), so it costs
+        nothing at run time and names the implementation as it was called,
+        even when several share one code object (``functools.wraps``
+        decorators, generated methods).
         """
         found = None
         tb = exc.__traceback__
+        by_code: dict[types.CodeType, set[tuple[str, str]]] | None = None
         while tb is not None:
-            hit = self._code_index.get(tb.tb_frame.f_code)
+            hit = self._called_impl(tb)
+            if hit is None:
+                # A frame of an implementation itself, entered where none of the above shows it
+                # (the tail of a wrapper, after its yield): known by its code when only one has it.
+                by_code = self._impls_by_code() if by_code is None else by_code
+                owners = by_code.get(tb.tb_frame.f_code, set())
+                hit = next(iter(owners)) if len(owners) == 1 else None
             if hit is not None:
                 found = hit
             tb = tb.tb_next
-        return found
+        if found is None:
+            return None
+        plugin, hook = found
+        info = self._info.get(plugin)
+        return plugin, hook, info.source if info is not None else "user"
+
+    def _called_impl(self, tb: types.TracebackType) -> tuple[str, str] | None:
+        """The (plugin, hook) that the frame of ``tb`` was calling when the error passed, if it was
+        calling a hook implementation: a generated hook caller (its line names the implementation),
+        a per-plugin call (:class:`_ImplCall`), or pluggy's own dispatch (its ``hook_impl``)."""
+        frame = tb.tb_frame
+        owners = frame.f_globals.get("_dltrain_owners")
+        if owners is not None and frame.f_code.co_filename.startswith(CALLER_FILE_PREFIX):
+            hit: tuple[str, str] | None = owners.get(tb.tb_lineno)
+            return hit
+        local_self = frame.f_locals.get("self")
+        if isinstance(local_self, _ImplCall):
+            return local_self.impl.plugin_name, local_self.hook_name
+        hook_impl = frame.f_locals.get("hook_impl")
+        inner = tb.tb_next
+        if isinstance(hook_impl, pluggy.HookImpl) and inner is not None:
+            # pluggy's loop variable names the implementation being set up or called; a wrapper's
+            # teardown runs later, under another value, so check that it is the frame called.
+            called = getattr(hook_impl.function, "__func__", hook_impl.function)
+            if getattr(called, "__code__", None) is inner.tb_frame.f_code:
+                hook_name = frame.f_locals.get("hook_name")
+                if not isinstance(hook_name, str):
+                    hook_name = self._hook_of(hook_impl)
+                return hook_impl.plugin_name, hook_name
+        return None
+
+    def _impls_by_code(self) -> dict[types.CodeType, set[tuple[str, str]]]:
+        """Every implementation's (plugin, hook) by its code, and by the code of the function a
+        ``functools.wraps`` decorator wraps (made when an error is explained, never per call)."""
+        index: dict[types.CodeType, set[tuple[str, str]]] = {}
+        for hook_name in _HOOK_NAMES:
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                function = getattr(impl.function, "__func__", impl.function)
+                for fn in {function, inspect.unwrap(function)}:
+                    code = getattr(fn, "__code__", None)
+                    if code is not None:
+                        index.setdefault(code, set()).add((impl.plugin_name, hook_name))
+        return index
+
+    def _hook_of(self, hook_impl: pluggy.HookImpl) -> str:
+        for name, caller in vars(self._pm.hook).items():
+            if any(impl is hook_impl for impl in caller.get_hookimpls()):
+                return str(name)
+        return "?"
+
+
+class _PluggyManager(pluggy.PluginManager):
+    """pluggy's manager, counting the hook-call monitors installed on it.
+
+    ``enable_tracing`` and ``add_hookcall_monitoring`` wrap pluggy's dispatch;
+    the Trainer calls most hooks through generated callers that bypass it (a
+    few microseconds less per call), so while a monitor is installed it calls
+    every hook through pluggy instead, and the monitor sees every call.
+    """
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        self.monitors = 0
+
+    def add_hookcall_monitoring(self, before: Any, after: Any) -> Callable[[], None]:
+        undo = super().add_hookcall_monitoring(before, after)
+        self.monitors += 1
+        undone = False
+
+        def undo_and_count() -> None:
+            nonlocal undone
+            undo()
+            if not undone:
+                undone = True
+                self.monitors -= 1
+
+        return undo_and_count
+
+
+class _ImplCall:
+    """One plugin's implementation of one hook, called as pluggy would (with the arguments it names)."""
+
+    __slots__ = ("hook_name", "impl", "via")
+
+    def __init__(self, impl: pluggy.HookImpl, hook_name: str, via: Any = None) -> None:
+        self.impl = impl
+        self.hook_name = hook_name
+        self.via = via  # a pluggy caller over this plugin alone, while a monitor is installed
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if self.via is not None:
+            results = self.via(**kwargs)
+            return results[0] if results else None
+        impl = self.impl
+        return impl.function(*[kwargs[a] for a in impl.argnames])
 
 
 def hookspecs_in_order() -> list[str]:

@@ -29,17 +29,22 @@ __all__ = ["HookRecorder", "tiny_loader", "tiny_model"]
 
 
 def _recording_impl(hook_name: str) -> Callable[..., None]:
-    params = list(inspect.signature(getattr(hookspecs, hook_name)).parameters.values())
-    names = [p.name for p in params]
+    """A real method ``def <hook>(self, <the hook's arguments>)`` that records its call.
 
-    def impl(self: HookRecorder, *args: Any) -> None:
-        self.record(hook_name, dict(zip(names, args, strict=True)))
-
-    impl.__name__ = impl.__qualname__ = hook_name
-    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    impl.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [self_param, *(p.replace(annotation=inspect.Parameter.empty) for p in params)]
-    )
+    Generated from source, as :mod:`dataclasses` generates ``__init__``: pluggy
+    reads which arguments an implementation takes from its code object, so the
+    parameters must be real, not a faked ``__signature__``.
+    """
+    names = list(inspect.signature(getattr(hookspecs, hook_name)).parameters)
+    args = ", ".join(["self", *names])
+    kwargs = ", ".join(f"{name!r}: {name}" for name in names)
+    source = f"def {hook_name}({args}):\n    self.record({hook_name!r}, {{{kwargs}}})\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<dltrain.testing HookRecorder.{hook_name}>", "exec"), namespace)
+    impl: Callable[..., None] = namespace[hook_name]
+    impl.__qualname__ = f"HookRecorder.{hook_name}"
+    impl.__module__ = __name__
+    impl.__doc__ = f"Record a call of ``{hook_name}``."
     return hookimpl(impl)
 
 
