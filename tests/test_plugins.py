@@ -426,7 +426,9 @@ def test_an_error_in_a_wrapper_or_after_its_yield_names_that_wrapper() -> None:
             yield
             raise RuntimeError("after the yield")
 
-    with pytest.raises(PluginError, match=r"plugin 'wrapping' raised RuntimeError in hook 'on_train_epoch_end'"):
+    with pytest.raises(
+        PluginError, match=r"plugin 'wrapping' raised RuntimeError in hook 'on_train_epoch_end'"
+    ):
         fit(make_trainer(plugins=[Wrapping()], max_epochs=1))
 
 

@@ -339,7 +339,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             try:
                 import yaml
             except ImportError as exc:
-                raise ConfigError(f"reading {str(p)!r} needs PyYAML: pip install 'torch-dltrain[yaml]'") from exc
+                raise ConfigError(
+                    f"reading {str(p)!r} needs PyYAML: pip install 'torch-dltrain[yaml]'"
+                ) from exc
             data = yaml.load(text, Loader=yaml12_loader())  # a SafeLoader subclass
         else:
             raise ConfigError(
