@@ -22,8 +22,8 @@ import dltrain
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DIR = REPO / "examples" / "mnist"
 
-#: Environment variables that point at a directory holding MNIST/raw/, first found wins.
-DATA_DIR_ENVS = ("DLTRAIN_MNIST_DIR", "DLTRAIN_DATA_DIR")
+#: The environment variable that points at a directory holding MNIST/raw/ (as for the example).
+DATA_DIR_ENV = "DLTRAIN_MNIST_DIR"
 
 RAW_FILES = (
     "MNIST/raw/train-images-idx3-ubyte",
@@ -34,8 +34,8 @@ RAW_FILES = (
 
 
 def default_data_dir() -> str:
-    """``$DLTRAIN_MNIST_DIR``, else ``$DLTRAIN_DATA_DIR``, else ``data``."""
-    return next((os.environ[e] for e in DATA_DIR_ENVS if os.environ.get(e)), "data")
+    """``$DLTRAIN_MNIST_DIR``, else ``data``."""
+    return os.environ.get(DATA_DIR_ENV) or "data"
 
 
 def has_mnist(data_dir: str | Path) -> bool:

@@ -276,7 +276,7 @@ def test_plot_writes_the_png_and_prints_its_path(
 def test_the_mnist_example_runs_from_its_config_file(
     mnist_fake_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("DLTRAIN_DATA_DIR", str(mnist_fake_dir))
+    monkeypatch.setenv("DLTRAIN_MNIST_DIR", str(mnist_fake_dir))
     config = ROOT / "examples" / "mnist" / "config.yaml"
     try:
         code = main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--trainer.device", "cpu",
@@ -298,3 +298,23 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("dltrain fit: error: invalid run configuration:")
     assert "trainer.max_epochs: Input should be a valid integer" in result.stderr
+
+
+def test_the_mnist_config_without_data_says_what_to_set_in_the_run_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DLTRAIN_MNIST_DIR", str(tmp_path / "nowhere"))
+    config = ROOT / "examples" / "mnist" / "config.yaml"
+    fix = ["--data.train.init_args.download", "true", "--data.val.init_args.download", "true"]
+    try:
+        code = main(["fit", "--config", str(config), "--trainer.device", "cpu"])
+        # The overrides the message suggests are valid keys of the run file.
+        assert main(["fit", "--config", str(config), *fix, "--print-config"]) == 0
+    finally:
+        for name in ("mnist_model", "mnist_run", "mnist_data"):
+            sys.modules.pop(name, None)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "nowhere" in err and "does not exist" in err
+    assert "$DLTRAIN_MNIST_DIR" in err and "download: true" in err and " ".join(fix) in err
+    assert "--download " not in err and "--data-dir" not in err  # flags of the scripts, not of dltrain fit

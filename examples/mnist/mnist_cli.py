@@ -44,7 +44,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument(
         "--data-dir",
         default=default_data_dir(),
-        help="directory that holds MNIST/raw/ (default from $DLTRAIN_DATA_DIR, else ./data)",
+        help="directory that holds MNIST/raw/ (default from $DLTRAIN_MNIST_DIR, else ./data)",
     )
     data.add_argument(
         "--download", action="store_true", help="download MNIST into --data-dir if it is missing"

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 LoaderKind = Literal["torchvision", "memory"]
 LOADERS: tuple[str, ...] = ("torchvision", "memory")
 
-#: The environment variable that sets the default of ``--data-dir``.
-DATA_DIR_ENV = "DLTRAIN_DATA_DIR"
+#: The environment variable that names the MNIST directory (the default of ``--data-dir``); the tests
+#: and the benchmarks read the same one.
+DATA_DIR_ENV = "DLTRAIN_MNIST_DIR"
 
 #: The IDX files of each split, relative to the data directory.
 RAW_FILES: dict[bool, tuple[str, str]] = {
@@ -44,7 +45,7 @@ _DOWNLOAD_TIMEOUT_S = 30.0
 
 
 def default_data_dir() -> str:
-    """The default of ``--data-dir``: ``$DLTRAIN_DATA_DIR``, else ``./data``."""
+    """The default of ``--data-dir``: ``$DLTRAIN_MNIST_DIR``, else ``./data``."""
     return os.environ.get(DATA_DIR_ENV) or "data"
 
 
@@ -60,7 +61,20 @@ def _describe(data_dir: Path) -> str:
     return f"{str(data_dir)!r}" + (f" ({absolute})" if str(absolute) != str(data_dir) else "")
 
 
-def _not_found_message(data_dir: Path, missing: Iterable[str]) -> str:
+#: What to do about missing files, said in the terms of the command that was run: the scripts'
+#: options, or the run file of ``dltrain fit``.
+SCRIPT_FIX = (
+    "Run again with --download to fetch them (about 12 MB, needs internet), "
+    f"or point --data-dir (or ${DATA_DIR_ENV}) at a directory that holds MNIST/raw/."
+)
+RUN_FILE_FIX = (
+    f"Set ${DATA_DIR_ENV} (or data_dir in the data's init_args) to a directory that holds MNIST/raw/, "
+    "or fetch them (about 12 MB, needs internet) with download: true in the init_args of data.train "
+    "and data.val, e.g. --data.train.init_args.download true --data.val.init_args.download true."
+)
+
+
+def _not_found_message(data_dir: Path, missing: Iterable[str], fix: str = SCRIPT_FIX) -> str:
     where = _describe(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         problem = f"the MNIST data directory {where} is a file, not a directory"
@@ -68,11 +82,7 @@ def _not_found_message(data_dir: Path, missing: Iterable[str]) -> str:
         problem = f"the MNIST data directory {where} does not exist"
     else:
         problem = f"MNIST data not found in {where}"
-    return (
-        f"{problem}; expected the IDX files {', '.join(missing)} in it. "
-        f"Run again with --download to fetch them (about 12 MB, needs internet), "
-        f"or point --data-dir (or ${DATA_DIR_ENV}) at a directory that holds MNIST/raw/."
-    )
+    return f"{problem}; expected the IDX files {', '.join(missing)} in it. {fix}"
 
 
 def _download(data_dir: Path) -> None:
@@ -98,13 +108,15 @@ def _download(data_dir: Path) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def load_mnist(data_dir: str | Path, train: bool, download: bool = False) -> MNIST:
+def load_mnist(data_dir: str | Path, train: bool, download: bool = False, fix: str = SCRIPT_FIX) -> MNIST:
     """The tutorial's dataset: ``torchvision.datasets.MNIST`` with ``ToTensor()``.
 
     Args:
         data_dir: The directory that holds (or will hold) ``MNIST/raw/``.
         train: The 60,000 training images (True) or the 10,000 test images (False).
         download: Fetch the files when they are missing.
+        fix: What the error for missing files tells people to do (:data:`SCRIPT_FIX`
+            or :data:`RUN_FILE_FIX`).
 
     Raises:
         DataError: The files are missing and ``download`` is False, the
@@ -118,7 +130,7 @@ def load_mnist(data_dir: str | Path, train: bool, download: bool = False) -> MNI
         _download(root)
         missing = missing_files(root, train)
     if missing:
-        raise DataError(_not_found_message(root, missing))
+        raise DataError(_not_found_message(root, missing, fix))
     try:
         dataset = datasets.MNIST(str(root), train=train, download=False, transform=transforms.ToTensor())
     except Exception as exc:  # torchvision reports a bad file with a bare assert

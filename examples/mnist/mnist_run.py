@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from mnist_data import default_data_dir, load_mnist
+from mnist_data import RUN_FILE_FIX, default_data_dir, load_mnist
 
 
 def mnist_batches(
@@ -24,7 +24,7 @@ def mnist_batches(
 
     Args:
         split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
-        data_dir: The folder that holds ``MNIST/raw/``; None: ``$DLTRAIN_DATA_DIR``, else ``./data``.
+        data_dir: The folder that holds ``MNIST/raw/``; None: ``$DLTRAIN_MNIST_DIR``, else ``./data``.
         batch_size: Samples per batch.
         loader: ``"memory"``: the images converted once and served from memory
             (fast); ``"torchvision"``: the tutorial's ``DataLoader`` with ``ToTensor()``.
@@ -34,7 +34,7 @@ def mnist_batches(
     if split not in ("train", "test"):
         raise ValueError(f"split {split!r} is not 'train' or 'test'")
     train = split == "train"
-    dataset = load_mnist(data_dir or default_data_dir(), train=train, download=download)
+    dataset = load_mnist(data_dir or default_data_dir(), train=train, download=download, fix=RUN_FILE_FIX)
     if loader == "torchvision":
         from torch.utils.data import DataLoader
 
