@@ -175,9 +175,10 @@ def test_each_process_knows_its_rank_and_gets_its_plain_model_back(ddp: dict[str
 @pytest.mark.parametrize(
     ("run", "step", "reason"),
     [
-        ("stop_at_step", 3, "asked on rank 1 only"),
+        # Asked after step 3 (the NaN check at step 2): agreed without waiting, so one step later.
+        ("stop_at_step", 4, "asked on rank 1 only"),
         ("stop_at_epoch_end", 6, "asked on rank 0 only, at an epoch's end"),
-        ("stop_nonfinite", 2, "non-finite"),
+        ("stop_nonfinite", 3, "non-finite"),
     ],
 )
 def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(

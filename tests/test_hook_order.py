@@ -15,6 +15,7 @@ TRAIN_STEP = [
     "on_after_backward",
     "on_before_optimizer_step",
     "on_train_batch_end",
+    "agree_on_stop",  # after each optimizer step (not blocking)
 ]
 EVAL_STEP = ["transfer_batch", "on_eval_batch_start", "eval_step", "on_eval_batch_end"]
 
@@ -25,10 +26,13 @@ def epoch(train_batches: int, val_batches: int) -> list[str]:
         *TRAIN_STEP * train_batches,
         "compute_metrics",
         "on_train_epoch_end",
+        "agree_on_stop",
         "on_eval_epoch_start",
         *EVAL_STEP * val_batches,
         "compute_metrics",
         "on_eval_epoch_end",
+        "on_epoch_end",
+        "agree_on_stop",
     ]
 
 
@@ -53,6 +57,7 @@ def test_fit_with_validation_calls_hooks_in_the_documented_order() -> None:
         "prepare_data",
         "prepare_data",
         "on_fit_start",
+        "agree_on_stop",
         *epoch(2, 1),
         *epoch(2, 1),
         "on_fit_end",

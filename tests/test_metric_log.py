@@ -168,7 +168,7 @@ def test_only_rank_zero_writes(tmp_path: Path) -> None:
     trainer = make_trainer(run_dir=None)
     state = State(run=RunKind.FIT, rank=1, world_size=2)
     plugin.on_fit_start(trainer, state)
-    plugin.on_train_epoch_end(state, {"train_loss": 1.0})
+    plugin.on_epoch_end(state, {"train_loss": 1.0})
     plugin.on_teardown()
     assert plugin.run_path is None and not (tmp_path / "runs").exists()
 
@@ -178,7 +178,7 @@ def test_rows_stay_valid_json_and_a_cut_last_line_is_skipped(tmp_path: Path) -> 
     trainer = make_trainer(run_dir=None)
     state = State(run=RunKind.FIT)
     plugin.on_fit_start(trainer, state)
-    plugin.on_train_epoch_end(state, {"train_loss": float("nan"), "train_accuracy": float("inf")})
+    plugin.on_epoch_end(state, {"train_loss": float("nan"), "train_accuracy": float("inf")})
     plugin.on_teardown()
     assert plugin.metrics_path is not None
     with plugin.metrics_path.open("a") as f:

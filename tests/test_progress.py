@@ -107,9 +107,8 @@ def test_only_rank_zero_prints() -> None:
     plugin = LineProgress(max_epochs=1, stream=out)
     state = State(run=RunKind.FIT, rank=1, world_size=2)
     plugin.on_train_epoch_start(state)
-    plugin.on_train_epoch_end(state, {"train_loss": 0.5})
+    plugin.on_epoch_end(state, {"train_loss": 0.5})
     plugin.on_fit_end(state)
-    plugin.on_teardown()
     assert out.getvalue() == ""
 
 

@@ -55,30 +55,26 @@ def finite_flags(
 class NonFiniteGuard:
     """Watches the losses of one run and applies the policy.
 
-    Under "raise" and "stop" the loop appends each micro-batch's detached
-    loss to :attr:`window` itself (a list append is all a step costs), after
-    calling :meth:`start` for the first loss of a window. A window lies
-    within one epoch (each epoch's end checks it) and its micro-batches are
-    consecutive, so where each loss came from follows from where the window
-    began. Under "skip" the loop asks :meth:`loss_finite` for every loss.
+    Under "raise" and "stop" the step runner hands every back-propagated loss
+    to :meth:`watch` (a list append: no kernel, no sync), with where it came
+    from; :meth:`check` reads them all, with the weights' finiteness, in one
+    sync. Under "skip" the runner asks :meth:`loss_finite` for every loss and
+    :meth:`grads_finite` before every step.
 
     Args:
         policy: ``"raise"``, ``"skip"`` or ``"stop"`` (``TrainerConfig.on_nonfinite``).
-        accumulate_grad_batches: Micro-batches per optimizer step.
     """
 
-    def __init__(self, policy: str, accumulate_grad_batches: int = 1) -> None:
+    def __init__(self, policy: str) -> None:
         self.policy = policy
         self.skips = policy == "skip"
-        self.window: list[torch.Tensor] = []  # this window's losses ("raise", "stop")
-        self._accum = accumulate_grad_batches
-        # The window's first loss: its epoch, batch_idx, global_step and micro-batch in its group.
-        self._start = (0, 0, 0, 0)
+        self.window: list[torch.Tensor] = []  # losses since the last check ("raise", "stop")
+        self.where: list[tuple[int, int, int]] = []  # (epoch, batch_idx, global_step) of each
 
-    def start(self, state: State) -> None:
-        """Note where a window begins: call before appending its first loss, once
-        ``state.micro_step`` counts that loss's micro-batch."""
-        self._start = (state.epoch, state.batch_idx, state.global_step, state.micro_step - 1)
+    def watch(self, loss: torch.Tensor, state: State) -> None:
+        """Keep a detached loss (and where it came from) until the next :meth:`check`."""
+        self.window.append(loss)
+        self.where.append((state.epoch, state.batch_idx, state.global_step))
 
     @staticmethod
     def loss_finite(loss: torch.Tensor) -> bool:
@@ -94,24 +90,20 @@ class NonFiniteGuard:
         grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
         return not grads or bool(finite_flags(grads, grads[0].device).all())
 
-    def check(
-        self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]
-    ) -> torch.Tensor | None:
-        """Read the window's losses and the weights (one sync); raise or request a stop if not finite.
-
-        Returns:
-            The window's losses as one float32 tensor (the loop sums them for
-            ``on_step_metrics``), or None when there were none.
+    def check(self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]) -> None:
+        """Read the watched losses and the weights (one sync); raise or request a stop if not finite.
 
         Raises:
             NonFiniteError: policy "raise" and a loss or weight is NaN or infinite.
         """
-        window = self.window
+        window, where = self.window, self.where
         if self.skips or not window:
-            return None
+            return
         losses = stack_scalars(window).float()
-        window.clear()  # in place: the loop holds this list
-        epoch, first_batch, since, first_micro = self._start
+        since = where[0][2]
+        positions = list(where)
+        window.clear()
+        where.clear()
         named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
         loss_ok = torch.isfinite(losses)
         if named:
@@ -119,7 +111,7 @@ class NonFiniteGuard:
         else:
             flags = loss_ok
         if bool(flags.all()):  # the one sync of a good window
-            return losses
+            return
         bad_weights = [
             n for (n, _), ok in zip(named, flags[loss_ok.numel() :].tolist(), strict=True) if not ok
         ]
@@ -127,13 +119,17 @@ class NonFiniteGuard:
         weights = f"; non-finite weights now in: {bad_weights[:5]}" if bad_weights else ""
         if bad_losses:
             first = bad_losses[0]
-            batch, step = first_batch + first, since + (first_micro + first) // self._accum
+            epoch, batch, step = positions[first]
             value = float(losses[first])
             others = len(bad_losses) - 1
             head = f"non-finite loss ({value})" if self.policy == "stop" else f"the loss became {value}"
             problem = (
                 f"{head} at epoch {epoch + 1}, global step {step}, batch {batch}"
-                + (f" (and {others} more batch(es) until global step {state.global_step})" if others else "")
+                + (
+                    f" (and {others} more non-finite loss(es) until global step {state.global_step})"
+                    if others
+                    else ""
+                )
                 + weights
             )
         else:
@@ -143,7 +139,7 @@ class NonFiniteGuard:
             )
         if self.policy == "stop":
             request_stop(problem)
-            return losses
+            return
         raise NonFiniteError(
             f"{problem}. {_ADVICE}. Losses are checked every log_every_n_steps optimizer steps and at each "
             f"epoch's end (this check at global step {state.global_step}); log_every_n_steps=1 stops at once."

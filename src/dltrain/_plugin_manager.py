@@ -52,7 +52,9 @@ _BUILTIN_FACTORIES: tuple[tuple[str, str], ...] = (
 BUILTIN_PLUGINS: tuple[str, ...] = tuple(name for name, _ in _BUILTIN_FACTORIES)
 """Names of the built-in plugins, each of which ``disable_plugins`` can block."""
 
-PER_PLUGIN_HOOKS = frozenset({"compute_metrics", "state_dict", "load_state_dict", "on_exception"})
+PER_PLUGIN_HOOKS = frozenset(
+    {"compute_metrics", "state_dict", "load_state_dict", "on_exception", "on_teardown"}
+)
 """Hooks the Trainer calls on each plugin separately (their results belong to one plugin), so wrappers cannot wrap them."""
 
 _HOOK_NAMES = frozenset(

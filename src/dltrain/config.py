@@ -171,6 +171,12 @@ class TrainerConfig(_Strict):
         default="val_loss",
         description="Metric passed to ReduceLROnPlateau-style schedulers.",
     )
+    manual_optimization: bool = Field(
+        default=False,
+        description="The training_step drives the update itself, through trainer.backward(loss) and "
+        "trainer.optimizer_step(name) (GANs, custom update rules); False: the Trainer does backward and "
+        "steps every optimizer.",
+    )
     on_nonfinite: Literal["raise", "skip", "stop"] = Field(
         default="raise",
         description="What a NaN/inf loss does: raise, skip the step, or stop the run.",

@@ -14,6 +14,7 @@ test, and drawn on the docs site)::
     restore_model_state                 # first result wins; only when resuming
     load_state_dict                     # each plugin, only when resuming
     on_fit_start
+    agree_on_stop                       # blocking; and wherever the loop checks for a stop
     for each epoch:
         on_train_epoch_start
         for each batch:
@@ -23,29 +24,39 @@ test, and drawn on the docs site)::
             on_before_backward
             # loss.backward()
             on_after_backward
-            if this micro-batch completes an accumulation group:
+            if this micro-batch completes an accumulation group, for each optimizer:
+                # unscale, clip (and the "skip" policy's check)
                 on_before_optimizer_step
-                # clip, optimizer.step(), zero_grad, scheduler (per step)
+                # optimizer.step(), zero_grad, its scheduler (per step)
             on_train_batch_end
             on_step_metrics             # every log_every_n_steps optimizer steps
+            agree_on_stop               # after each optimizer step, not blocking
         compute_metrics                 # all results merged -> train_* metrics
-        # no validation this epoch: scheduler (per epoch), history row
-        on_train_epoch_end              # reads the epoch's metrics
+        on_train_epoch_end              # reads the epoch's training metrics
+        agree_on_stop                   # blocking
         if validating this epoch:
             on_eval_epoch_start
             for each batch: transfer_batch, on_eval_batch_start, eval_step, on_eval_batch_end
             compute_metrics             # -> val_* metrics
-            # scheduler (per epoch), history row
             on_eval_epoch_end
+        # schedulers (per epoch), history row
+        on_epoch_end                    # the epoch's whole row: train_* and val_* metrics
+        agree_on_stop                   # blocking
     on_fit_end
     # on an exception anywhere above: on_exception
     on_teardown                         # always, last
 
+With manual optimization (``manual_optimization=True``) the
+``training_step`` itself calls :meth:`~dltrain.Trainer.backward` (the
+backward hooks) and :meth:`~dltrain.Trainer.optimizer_step` (the optimizer
+hooks), as many times as it needs, each naming its optimizer.
+
 An epoch cut short (``max_steps``, :meth:`~dltrain.Trainer.request_stop`)
-still gets ``compute_metrics`` and ``on_train_epoch_end``, but no validation
-and no per-epoch scheduler step. ``validate``, ``test`` and ``predict`` call
-``select_device``, ``on_setup``, ``prepare_data``, ``on_<run>_start``, one
-evaluation epoch as above, ``on_<run>_end`` and ``on_teardown``.
+still gets ``compute_metrics``, ``on_train_epoch_end`` and ``on_epoch_end``,
+but no validation and no per-epoch scheduler step. ``validate``, ``test`` and
+``predict`` call ``select_device``, ``on_setup``, ``prepare_data``,
+``on_<run>_start``, one evaluation epoch as above, ``on_<run>_end`` and
+``on_teardown``.
 
 Outside that order, :meth:`~dltrain.Trainer.state_dict` (every checkpoint
 save) calls :func:`gather_model_state` and then each plugin's
@@ -195,7 +206,38 @@ def on_exception(trainer: Trainer, state: State, exception: BaseException) -> No
 
 @hookspec
 def on_teardown(trainer: Trainer, state: State) -> None:
-    """Called last in every run, whether it succeeded or raised. Close files here."""
+    """Called last in every run, whether it succeeded or raised. Close files here.
+
+    Every implementation runs, even when an earlier one raised.
+    """
+
+
+@hookspec(firstresult=True)
+def agree_on_stop(trainer: Trainer, state: State, blocking: bool) -> bool | None:
+    """Decide, the same way in every process, whether the fit stops here. **First result wins.**
+
+    Called where the loop checks for a stop: after ``on_fit_start``, after each
+    optimizer step (``blocking=False``), after each epoch's training and after
+    each epoch (``blocking=True``). Without an implementation (one process)
+    the loop stops when ``state.stop_requested`` is set. The built-in
+    ``distributed`` plugin implements it under torchrun, where one process
+    may want to stop (a signal, early stopping, ``on_nonfinite="stop"``) and
+    all must stop at the same step, or one would wait forever in a collective.
+
+    Args:
+        blocking: False after an optimizer step: the implementation must not
+            wait for the other processes (no blocking collective per step); it
+            may answer for the requests made up to an earlier step, as long as
+            every process gets the same answer at the same step. True: the
+            answer covers every request made so far, in all processes.
+
+    Returns:
+        True: every process stops here (the implementation has called
+        ``trainer.request_stop`` where no stop was requested yet, so
+        ``state.stop_reason`` says why everywhere); False: none stops here, a
+        local request waits for the next check; None: let the next
+        implementation decide.
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -215,11 +257,31 @@ def on_train_epoch_start(trainer: Trainer, state: State) -> None:
 
 @hookspec
 def on_train_epoch_end(trainer: Trainer, state: State, metrics: Mapping[str, float]) -> None:
-    """Called after each training epoch, once its metrics are computed.
+    """Called after the training part of each epoch, once its metrics are computed.
+
+    Validation of this epoch has not run yet; :func:`on_epoch_end` comes
+    when it has, with the whole row.
 
     Args:
         metrics: This epoch's training metrics (``train_loss``, ...) as floats,
-            also in ``state.metrics``. Validation of this epoch has not run yet.
+            also in ``state.metrics``.
+    """
+
+
+@hookspec
+def on_epoch_end(trainer: Trainer, state: State, metrics: Mapping[str, float]) -> None:
+    """Called once per epoch of a fit, when the epoch is finished: its training and, when it
+    validated, its validation. The place to read an epoch's whole row.
+
+    Called after the per-epoch schedulers stepped and the row was added to
+    ``trainer.history``; also for an epoch cut short by a stop or
+    ``max_steps`` (with its training metrics alone). Loggers, the progress
+    line and checkpointing implement it, so none of them needs to work out
+    whether validation will follow ``on_train_epoch_end``.
+
+    Args:
+        metrics: The epoch's row: ``train_*`` and ``val_*`` metrics as floats,
+            what ``trainer.history.epochs[-1]`` holds (without ``"epoch"``).
     """
 
 
@@ -270,41 +332,72 @@ def on_train_batch_start(trainer: Trainer, state: State, batch: Any) -> None:
 
 @hookspec(firstresult=True)
 def training_step(trainer: Trainer, state: State, model: torch.nn.Module, batch: Any) -> Any:
-    """Turn one training batch into a loss. **First result wins.**
+    """Turn one training batch into a loss, or (manual optimization) into an update. **First result wins.**
 
     Called inside autocast (when mixed precision is on) with the model in
     train mode. The built-in ``step`` plugin answers last: for an
-    ``(inputs, targets)`` tuple or list, or a dict with ``inputs``/``targets``
-    keys (or ``x``/``y``, ``input``/``target``, ``label``/``labels``), it
-    returns ``trainer.loss_fn(model(inputs), targets)``. Implement this
-    hook to support any other batch shape.
+    ``(inputs, targets)`` tuple or list, or a dict of keyword arguments
+    (see :func:`dltrain.default_plugins.step.unpack_batch`), it returns
+    ``trainer.loss_fn(model(inputs), targets)``. Implement this hook to
+    support any other batch shape or objective.
+
+    With automatic optimization (the default), return the loss with its
+    graph; the Trainer does backward and the optimizer steps: do not call
+    ``backward`` here. With ``manual_optimization=True``, the step drives
+    the update itself through :meth:`~dltrain.Trainer.backward` and
+    :meth:`~dltrain.Trainer.optimizer_step`, and returns its losses (detached
+    or not) for metrics and logging.
 
     Returns:
-        A :class:`~dltrain.StepOutput`, a scalar loss tensor, or None to let the
-        next implementation decide. Do not call ``backward`` here.
+        A :class:`~dltrain.StepOutput`, a scalar loss tensor, a dict of named
+        scalar losses (manual optimization: each becomes a metric,
+        ``train_<name>``), or None to let the next implementation decide.
     """
 
 
 @hookspec
-def on_before_backward(trainer: Trainer, state: State, loss: torch.Tensor) -> None:
-    """Called right before ``backward`` with the loss about to be back-propagated.
+def on_before_backward(
+    trainer: Trainer, state: State, loss: torch.Tensor, optimizer_name: str | None
+) -> None:
+    """Called right before each ``backward``, with the loss about to be back-propagated.
+
+    Once per micro-batch with automatic optimization; with manual optimization
+    once per :meth:`~dltrain.Trainer.backward` call of the training step.
 
     Args:
         loss: The loss, already divided by ``accumulate_grad_batches``.
+        optimizer_name: The optimizer the loss is for, as the manual step
+            named it in ``trainer.backward(loss, optimizer_name=...)``; None
+            with automatic optimization (the loss serves every optimizer) or
+            when the step named none.
     """
 
 
 @hookspec
-def on_after_backward(trainer: Trainer, state: State) -> None:
-    """Called right after ``backward``; gradients hold this micro-batch's contribution."""
+def on_after_backward(trainer: Trainer, state: State, optimizer_name: str | None) -> None:
+    """Called right after each ``backward``; gradients hold this loss's contribution.
+
+    Args:
+        optimizer_name: As for :func:`on_before_backward`.
+    """
 
 
 @hookspec
-def on_before_optimizer_step(trainer: Trainer, state: State, optimizer: torch.optim.Optimizer) -> None:
-    """Called before each optimizer step, after gradients are unscaled and clipped.
+def on_before_optimizer_step(
+    trainer: Trainer, state: State, optimizer: torch.optim.Optimizer, optimizer_name: str
+) -> None:
+    """Called before each optimizer step, after its gradients are unscaled and clipped.
 
-    Not called for micro-batches that only accumulate gradients.
-    ``state.global_step`` is the number of steps taken before this one.
+    Not called for micro-batches that only accumulate gradients, nor for a
+    step that ``on_nonfinite="skip"`` skips. With several optimizers, called
+    once per optimizer (automatic optimization steps them in the order
+    given to ``fit``). ``state.global_step`` is the number of steps taken
+    before this one.
+
+    Args:
+        optimizer: The optimizer about to step.
+        optimizer_name: Its name: the key it was given under in
+            ``fit(optimizer={...})``, or ``"default"`` for a single optimizer.
     """
 
 
@@ -421,13 +514,14 @@ def gather_model_state(trainer: Trainer, state: State) -> Mapping[str, Any] | No
 
     Returns:
         None to let the next implementation decide; when none answers, the
-        Trainer takes ``model.state_dict()``, ``optimizer.state_dict()`` and,
-        mid accumulation group, the gradients. Or a mapping with ``"model"``
-        (the plain model's state dict: its keys and full shapes),
-        ``"optimizer"`` (in the form of ``torch.optim.Optimizer.state_dict()``,
-        keyed by parameter index; None without an optimizer) and, when
-        ``state.micro_step`` is not 0, ``"grads"`` (parameter name to full
-        gradient). Rank 0's result is the one written; others may be empty.
+        Trainer takes ``model.state_dict()``, each optimizer's
+        ``state_dict()`` and, mid accumulation group, the gradients. Or a
+        mapping with ``"model"`` (the plain model's state dict: its keys and
+        full shapes), ``"optimizers"`` (optimizer name to the optimizer's state
+        in the form of ``torch.optim.Optimizer.state_dict()``, keyed by
+        parameter index) and, when ``state.micro_step`` is not 0, ``"grads"``
+        (parameter name to full gradient). Rank 0's result is the one written;
+        others may be empty.
     """
 
 
@@ -443,8 +537,8 @@ def restore_model_state(trainer: Trainer, state: State, payload: Mapping[str, An
     Args:
         payload: The checkpoint's payload, as :func:`gather_model_state` (or the
             Trainer's default) made it: ``payload["model"]``,
-            ``payload["optimizer"]``, and ``payload["grads"]`` when it was saved
-            mid accumulation group.
+            ``payload["optimizers"]`` (name to state), and ``payload["grads"]``
+            when it was saved mid accumulation group.
 
     Returns:
         True when this implementation restored the model, the optimizer and

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["History", "Phase", "RunKind", "State", "StepOutput"]
+__all__ = ["History", "Phase", "RunKind", "Stage", "State", "StepOutput"]
 
 
 class RunKind(enum.Enum):
@@ -45,6 +45,20 @@ class Phase(enum.Enum):
         return _PREFIX[self]
 
 
+class Stage(enum.Enum):
+    """Where a fit stands within its current epoch (saved in checkpoints, so a resume continues there).
+
+    START: before the epoch's training. TRAIN: inside its training.
+    VALIDATE: its training is done, its validation is not. DONE: the epoch is
+    complete (validation included), and ``state.epoch`` has not moved on yet.
+    """
+
+    START = "start"
+    TRAIN = "train"
+    VALIDATE = "validate"
+    DONE = "done"
+
+
 _PREFIX = {
     Phase.SETUP: "setup",
     Phase.TRAIN: "train",
@@ -65,12 +79,15 @@ class State:
             epoch. The epoch printed to people is ``epoch + 1``.
         global_step: Optimizer steps taken since training began (survives resume).
         batch_idx: Index of the current batch within the current epoch and phase.
-        micro_step: Micro-batches accumulated since the last optimizer step
-            (0 right after a step; see ``accumulate_grad_batches``).
+        micro_step: Micro-batches of the current accumulation group so far, the
+            current one included from its step on; 0 once the group's optimizer
+            step is done (see ``accumulate_grad_batches``).
         metrics: The latest epoch metrics by name (``train_loss``, ``val_accuracy``, ...),
             as Python floats.
+        stage: Where the fit stands within the current epoch (:class:`Stage`).
         stop_requested: True once a stop was requested; the loop ends at the
-            next step boundary.
+            next step boundary (under torchrun: once every process agreed, at
+            the same step in all of them).
         stop_reason: Why the run stopped (or will stop), for people to read.
         skipped_steps: Optimizer steps skipped by the ``on_nonfinite="skip"`` policy.
         device: The device the model runs on, once chosen.
@@ -84,6 +101,7 @@ class State:
     global_step: int = 0
     batch_idx: int = 0
     micro_step: int = 0
+    stage: Stage = Stage.START
     metrics: dict[str, float] = field(default_factory=dict)
     stop_requested: bool = False
     stop_reason: str | None = None
@@ -107,6 +125,10 @@ class State:
             "skipped_steps": self.skipped_steps,
         }
 
+    def position(self) -> dict[str, Any]:
+        """Where the fit stands, as plain data: the counters, the stage and the latest metrics."""
+        return {**self.counters(), "stage": self.stage.value, "metrics": dict(self.metrics)}
+
 
 @dataclass(slots=True)
 class StepOutput:
@@ -116,16 +138,22 @@ class StepOutput:
         loss: The scalar loss tensor, or None when the step computed no loss
             (prediction, or no loss function). A training step returns it with
             its graph; after backward the loop replaces it with its detached
-            value, which is what ``on_train_batch_end`` sees.
+            value, which is what ``on_train_batch_end`` sees. With manual
+            optimization the step did backward itself; ``loss`` is then only
+            reported (``train_loss``), and may be None.
         outputs: The model's outputs for the batch.
         targets: The batch's targets, or None when it has none.
         batch_size: Number of samples in the batch (weights epoch means).
+        losses: More scalar losses by name, each reported as a metric of its
+            own (``{"loss_d": ..., "loss_g": ...}`` gives ``train_loss_d`` and
+            ``train_loss_g``), e.g. the losses of a GAN's two networks.
     """
 
     loss: torch.Tensor | None
-    outputs: Any
-    targets: Any
-    batch_size: int
+    outputs: Any = None
+    targets: Any = None
+    batch_size: int = 1
+    losses: dict[str, torch.Tensor] | None = None
 
 
 class History(Mapping[str, list[float]]):

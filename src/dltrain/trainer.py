@@ -18,8 +18,15 @@ import torch
 from dltrain import _checks
 from dltrain._compile import Compiler, check_backend
 from dltrain._hooks import Hooks
-from dltrain._loop import Loop, unwrap_model
+from dltrain._loop import Driver, unwrap_model
 from dltrain._markers import DISTRIBUTION
+from dltrain._optimizers import (
+    DEFAULT_NAME,
+    OptimizerSet,
+    check_resumable,
+    compare_optimizers,
+    structure_of_states,
+)
 from dltrain._plugin_manager import PluginManager
 from dltrain._rng import get_rng_state, seed_everything
 from dltrain.config import TrainerConfig
@@ -61,8 +68,8 @@ class Trainer:
         model: During a run, the model it trains or evaluates, possibly wrapped: in
             DistributedDataParallel by ``on_setup``, then by ``torch.compile``
             (``compile``). After the run, the module that was passed in.
-        optimizer: The optimizer passed to ``fit``.
-        scheduler: The LR scheduler passed to ``fit``, or None.
+        optimizers: The optimizers of the latest ``fit`` by name (a mapping;
+            ``"default"`` for a single optimizer; empty before any fit).
         loss_fn: The loss function of ``fit`` (or of ``validate``/``test``).
 
     Example:
@@ -99,11 +106,10 @@ class Trainer:
         self.history = History()
         self.state: State | None = None
         self.model: torch.nn.Module = torch.nn.Module()
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: Any = None
+        self.optimizers: OptimizerSet = OptimizerSet(None, None, self.model, interval="epoch", monitor="")
         self.loss_fn: Any = None
         self._hooks = Hooks(self.plugin_manager)
-        self._loop: Loop | None = None  # the current run's mechanics
+        self._loop: Driver | None = None  # the current run's driver
         self._train_data: Any = None
         self._compiler = Compiler()  # keeps the last run's compiled wrapper for the next run
 
@@ -114,7 +120,7 @@ class Trainer:
         model: torch.nn.Module,
         train_data: Iterable[Any],
         *,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None,
         loss_fn: Any = None,
         val_data: Iterable[Any] | None = None,
         scheduler: Any = None,
@@ -126,12 +132,21 @@ class Trainer:
         Args:
             model: Any ``nn.Module``.
             train_data: A DataLoader or any re-iterable of batches.
-            optimizer: An optimizer over ``model``'s parameters.
+            optimizer: An optimizer over ``model``'s parameters; or several by
+                name, ``{"generator": opt_g, "discriminator": opt_d}``, each over
+                its own parameters (automatic optimization steps them all after
+                each backward; a manual step steps each by name); or None with
+                ``manual_optimization=True`` for a step that updates the weights
+                itself.
             loss_fn: ``loss_fn(outputs, targets) -> scalar``; needed by the
                 default training step (a plugin's ``training_step`` may not need it).
             val_data: Batches to validate on every ``val_every_n_epochs``.
-            scheduler: An LR scheduler, stepped every epoch or every optimizer
-                step (``scheduler_interval``); ReduceLROnPlateau gets ``scheduler_monitor``.
+            scheduler: An LR scheduler of the optimizer, stepped every epoch or
+                every optimizer step (``scheduler_interval``; ReduceLROnPlateau
+                gets ``scheduler_monitor``); with several optimizers, a dict of
+                optimizer names to schedulers. Any scheduler may be given as
+                ``{"scheduler": s, "interval": "step", "monitor": "val_loss"}``
+                to choose its own interval and monitored metric.
             resume: ``"last"``, ``"best"`` or a checkpoint path to continue from.
             resume_strict: When False, config differences that change what the
                 run computes are a warning instead of an error.
@@ -139,12 +154,27 @@ class Trainer:
         Returns:
             The :class:`~dltrain.History` of per-epoch metrics (also ``trainer.history``).
         """
+        config = self.config
         model = _checks.check_model(model)
-        optimizer = _checks.check_optimizer(optimizer, model)
+        if optimizer is None and not config.manual_optimization:
+            raise StepError(
+                "fit needs an optimizer (e.g. optimizer=torch.optim.SGD(model.parameters(), lr=0.01)); "
+                "optimizer=None is only for manual_optimization=True, where the step updates the weights"
+            )
+        optimizers = OptimizerSet(
+            optimizer, scheduler, model, interval=config.scheduler_interval, monitor=config.scheduler_monitor
+        )
         _checks.check_data(train_data, "train_data")
         if val_data is not None:
             _checks.check_data(val_data, "val_data")
-        if loss_fn is None and self.plugin_manager.implementers("training_step") == ["step"]:
+        own_step = self.plugin_manager.implementers("training_step") != ["step"]
+        if config.manual_optimization and not own_step:
+            raise PluginError(
+                "manual_optimization=True needs a training_step of yours that calls trainer.backward(loss) "
+                "and trainer.optimizer_step(name): register a plugin implementing training_step (the "
+                "built-in step plugin only computes a loss)"
+            )
+        if loss_fn is None and not own_step:
             raise StepError(
                 "fit needs loss_fn (e.g. loss_fn=torch.nn.CrossEntropyLoss()) for the default training "
                 "step, or a plugin implementing training_step that computes the loss"
@@ -153,16 +183,11 @@ class Trainer:
             raise StepError(
                 f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}"
             )
-        self.model, self.optimizer, self.scheduler, self.loss_fn = (
-            model,
-            optimizer,
-            scheduler,
-            loss_fn,
-        )
+        self.model, self.optimizers, self.loss_fn = model, optimizers, loss_fn
         self._train_data = train_data
         self.history = History()
         state = self.state = State(run=RunKind.FIT)
-        with self._run(state):
+        with self._run(state, optimizers):
             train_data = self._prepare(state, train_data, Phase.TRAIN)
             self._train_data = train_data
             if val_data is not None:
@@ -181,6 +206,76 @@ class Trainer:
                 )
             self._hooks.call("on_fit_end", trainer=self, state=state)
         return self.history
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of the latest fit when it had one; None when it had none or several
+        (see :attr:`optimizers`)."""
+        return next(iter(self.optimizers.values())) if len(self.optimizers) == 1 else None
+
+    @property
+    def scheduler(self) -> Any:
+        """The LR scheduler of the latest fit's single optimizer, or None (see :attr:`schedulers`)."""
+        return self.optimizers.scheduler(next(iter(self.optimizers))) if len(self.optimizers) == 1 else None
+
+    @property
+    def schedulers(self) -> dict[str, Any]:
+        """The LR schedulers of the latest fit, by the name of their optimizer."""
+        return {name: spec.scheduler for name, spec in self.optimizers.schedules.items()}
+
+    # -------------------------------------------------- manual optimization
+
+    def backward(self, loss: torch.Tensor, optimizer_name: str | None = None) -> None:
+        """Back-propagate ``loss`` from a manual ``training_step``, as the loop does automatically.
+
+        Applies the precision scaler (``precision="16-mixed"``), divides by
+        ``accumulate_grad_batches``, runs outside autocast, skips DDP's
+        gradient all-reduce on micro-batches that only accumulate, calls
+        ``on_before_backward``/``on_after_backward``, and hands the loss to the
+        non-finite policy. Call it instead of ``loss.backward()``.
+
+        Args:
+            loss: A scalar loss with its graph.
+            optimizer_name: The optimizer this loss is for, passed to the hooks.
+
+        Raises:
+            StepError: outside a training step, or without ``manual_optimization=True``.
+        """
+        self._require_manual("backward").backward(loss, optimizer_name)
+
+    def optimizer_step(self, name: str = DEFAULT_NAME) -> bool:
+        """Step optimizer ``name`` from a manual ``training_step``, as the loop does automatically.
+
+        At the end of an accumulation group: unscales the gradients (float16),
+        rescales a last partial group, clips (``gradient_clip_val``), applies
+        ``on_nonfinite="skip"``, calls ``on_before_optimizer_step``, steps (through
+        the scaler), zeroes the optimizer's gradients and steps its per-step
+        scheduler. On a micro-batch that only accumulates it does nothing.
+
+        Args:
+            name: The optimizer's name in ``fit(optimizer={...})`` (``"default"``
+                for a single optimizer).
+
+        Returns:
+            Whether the optimizer stepped.
+
+        Raises:
+            StepError: outside a training step, without ``manual_optimization=True``,
+                or no optimizer of that name.
+        """
+        stepped: bool = self._require_manual("optimizer_step").optimizer_step(name)
+        return stepped
+
+    def _require_manual(self, what: str) -> Any:
+        runner = self._loop.runner if self._loop is not None else None
+        if runner is None or not runner.in_step:
+            raise StepError(f"trainer.{what}() works inside training_step, during fit")
+        if not runner.manual:
+            raise StepError(
+                f"trainer.{what}() is for manual optimization: set manual_optimization=True (the step "
+                f"then drives the update), or return the loss and let the Trainer do backward and step"
+            )
+        return runner
 
     def validate(
         self, model: torch.nn.Module, data: Iterable[Any], *, loss_fn: Any = None
@@ -236,6 +331,10 @@ class Trainer:
         from the ``gather_model_state`` hook when a plugin answers it (the
         ``distributed`` plugin does under FSDP, gathering the full tensors on
         rank 0), else from their own ``state_dict()``.
+
+        Under torchrun this is a collective: a plugin's ``state_dict`` may
+        all-reduce (the metrics plugin does), so every process must call it,
+        as the checkpoint plugin does; calling it on rank 0 alone hangs.
         """
         state = self._require_state()
         run = self._require_loop()
@@ -244,7 +343,7 @@ class Trainer:
             model = unwrap_model(self.model)
             parts = {
                 "model": model.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             }
             if state.micro_step:  # mid accumulation group: the partial gradients are state too
                 parts["grads"] = {
@@ -252,14 +351,18 @@ class Trainer:
                     for name, p in model.named_parameters()
                     if p.grad is not None
                 }
+                if run.runner is not None and run.runner.unsynced_grads():
+                    _average_across_processes(parts["grads"])
         loop = {**run.state_dict(), "batch_size": getattr(self._train_data, "batch_size", None)}
         data_state = getattr(self._train_data, "state_dict", None)
+        scaler = run.runner.scaler if run.runner is not None else None
         payload: dict[str, Any] = {
-            "format": 1,
+            "format": PAYLOAD_FORMAT,
             "model": parts["model"],
-            "optimizer": parts.get("optimizer"),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "optimizers": parts.get("optimizers") or {},
+            "schedulers": {name: s.scheduler.state_dict() for name, s in self.optimizers.schedules.items()},
+            "optimizer_structure": self.optimizers.structure(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "loop": loop,
             "data": data_state() if callable(data_state) else None,
             "rng": get_rng_state(),
@@ -278,27 +381,33 @@ class Trainer:
         return payload
 
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
-        """Restore a payload made by :meth:`state_dict` into the current run.
+        """Restore a payload made by :meth:`state_dict` (of this or an earlier version) into the current run.
 
-        The model, optimizer and gradients go through the ``restore_model_state``
+        The model, optimizers and gradients go through the ``restore_model_state``
         hook when a plugin answers it (the ``distributed`` plugin does for a
         model sharded with FSDP), else through their own ``load_state_dict``.
         """
+        payload = upgrade_payload(payload, list(self.optimizers))
         run = self._require_loop()
         state = self._require_state()
         restored = self._hooks.call_first("restore_model_state", trainer=self, state=state, payload=payload)
         if not restored:
             model = unwrap_model(self.model)
             model.load_state_dict(payload["model"])
-            if self.optimizer is not None and payload.get("optimizer") is not None:
-                self.optimizer.load_state_dict(payload["optimizer"])
+            for name, optimizer in self.optimizers.items():
+                saved = payload["optimizers"].get(name)
+                if saved is not None:
+                    optimizer.load_state_dict(saved)
             grads = payload.get("grads") or {}
             for name, p in model.named_parameters():
                 p.grad = grads[name].to(p.device) if name in grads else None
-        if self.scheduler is not None and payload.get("scheduler") is not None:
-            self.scheduler.load_state_dict(payload["scheduler"])
-        if run.scaler is not None and payload.get("scaler") is not None:
-            run.scaler.load_state_dict(payload["scaler"])
+        for name, saved in payload["schedulers"].items():
+            scheduler = self.optimizers.scheduler(name)
+            if scheduler is not None and saved is not None:
+                scheduler.load_state_dict(saved)
+        scaler = run.runner.scaler if run.runner is not None else None
+        if scaler is not None and payload.get("scaler") is not None:
+            scaler.load_state_dict(payload["scaler"])
         run.load_state_dict(payload["loop"], payload["rng"])
         data_load = getattr(self._train_data, "load_state_dict", None)
         if payload.get("data") is not None and callable(data_load):
@@ -315,7 +424,7 @@ class Trainer:
         replaced = self._hooks.call_first("prepare_data", trainer=self, state=state, data=data, phase=phase)
         return data if replaced is None else replaced
 
-    def _require_loop(self) -> Loop:
+    def _require_loop(self) -> Driver:
         if self._loop is None:
             raise DltrainError("no run in progress: state_dict/load_state_dict work during fit (from hooks)")
         return self._loop
@@ -330,6 +439,7 @@ class Trainer:
 
         directory = self.config.checkpoint.dir if self.config.checkpoint is not None else None
         payload, path = load_for_resume(resume, directory)
+        payload = upgrade_payload(payload, list(self.optimizers))
         current = {
             "config": self.config.to_json_dict(),
             "world_size": self._require_state().world_size,
@@ -338,6 +448,13 @@ class Trainer:
             "model": {k: tuple(v.shape) for k, v in unwrap_model(self.model).state_dict().items()},
         }
         differences = compare_for_resume(payload, current)
+        # Optimizers that differ cannot be loaded at all: an error whatever resume_strict says,
+        # listing every difference, before anything is loaded.
+        check_resumable(
+            compare_optimizers(payload["optimizer_structure"], self.optimizers.structure()),
+            str(path),
+            also=differences,
+        )
         if differences:
             message = (
                 f"checkpoint {str(path)!r} was made by a run that computes differently:\n  - "
@@ -345,17 +462,16 @@ class Trainer:
             )
             if strict:
                 raise CheckpointError(message + "\nPass resume_strict=False to resume anyway.")
-            import warnings
-
             warnings.warn(message, stacklevel=3)
         self.load_state_dict(payload)
 
     @contextlib.contextmanager
-    def _run(self, state: State) -> Iterator[None]:
+    def _run(self, state: State, optimizers: OptimizerSet | None = None) -> Iterator[None]:
         """Setup, exception reporting and teardown shared by every entry point."""
         self._hooks.refresh()
         self._loop = None
         compiled, uncompiled = None, self.model
+        error: BaseException | None = None
         try:
             options = self.config.compile_options()
             if options is not None:
@@ -368,7 +484,7 @@ class Trainer:
                 state.world_size = torch.distributed.get_world_size()
                 state.rank = torch.distributed.get_rank()
             self._hooks.call("on_setup", trainer=self, state=state)
-            self._loop = Loop(self, state)
+            self._loop = Driver(self, state, optimizers)
             if options is not None:
                 # After on_setup, keep this order: the model is on its device, and under DDP what
                 # is compiled is the DistributedDataParallel module, as torch recommends (dynamo
@@ -390,7 +506,34 @@ class Trainer:
             if compiled is not None and self.model is compiled:
                 # The user's module again, as DDP unwrapping (in on_teardown) gives it back.
                 self.model = uncompiled
-            self._hooks.call("on_teardown", trainer=self, state=state)
+            self._teardown(state, error)
+
+    def _teardown(self, state: State, error: BaseException | None) -> None:
+        """Call every plugin's ``on_teardown``, each even when another raised.
+
+        After an error, a teardown failure is attached to it as a note (the
+        run's own error is never masked); after a run that succeeded, the
+        first failure is raised as a :class:`~dltrain.PluginError` naming the
+        plugin (``trainer.history`` keeps the completed fit).
+        """
+        failures: list[tuple[str, BaseException]] = []
+        for name, impl in self.plugin_manager.each_impl("on_teardown"):
+            try:
+                impl(trainer=self, state=state)
+            except Exception as exc:
+                failures.append((name, exc))
+        if not failures:
+            return
+        if error is not None:
+            for name, failure in failures:
+                _add_note(error, f"dltrain: plugin {name!r} also raised in on_teardown: {failure!r}")
+            return
+        name, first = failures[0]
+        others = "".join(f"; plugin {n!r} raised too: {e!r}" for n, e in failures[1:])
+        raise PluginError(
+            f"plugin {name!r} raised {type(first).__name__} in hook 'on_teardown' after the run completed: "
+            f"{first}{others} (trainer.history holds the completed run)"
+        ) from first
 
     def _explain(self, exc: BaseException, state: State) -> BaseException:
         """Say where ``exc`` came from: a third-party plugin's hook, or user code at a step."""
@@ -431,9 +574,41 @@ class Trainer:
             data = self._prepare(state, data, phase)
             self._hooks.call(f"on_{name}_start", trainer=self, state=state)
             metrics = self._require_loop().eval_epoch(phase, data, collect)
-            self._hooks.call("on_eval_epoch_end", trainer=self, state=state, metrics=metrics)
             self._hooks.call(f"on_{name}_end", trainer=self, state=state)
         return metrics
+
+
+#: The form of :meth:`Trainer.state_dict`'s payload: 2 has optimizers and schedulers by name.
+PAYLOAD_FORMAT = 2
+
+
+def upgrade_payload(payload: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+    """A checkpoint payload in today's form (:data:`PAYLOAD_FORMAT`), from any earlier form.
+
+    Format 1 (dltrain 0.1) had one ``optimizer`` and one ``scheduler``: they
+    become the entries of the single optimizer (``names[0]``, or ``"default"``).
+    Its optimizer structure is read off the saved state (parameter groups; the
+    class was not recorded).
+    """
+    data = dict(payload)
+    if int(data.get("format", 1)) >= 2:
+        return data
+    name = names[0] if len(names) == 1 else DEFAULT_NAME
+    optimizer, scheduler = data.pop("optimizer", None), data.pop("scheduler", None)
+    data["optimizers"] = {name: optimizer} if optimizer is not None else {}
+    data["schedulers"] = {name: scheduler} if scheduler is not None else {}
+    data["optimizer_structure"] = structure_of_states(data["optimizers"], data["schedulers"])
+    data["format"] = PAYLOAD_FORMAT
+    return data
+
+
+def _average_across_processes(grads: dict[str, torch.Tensor]) -> None:
+    """In place: the mean over the processes of gradients accumulated under DDP's ``no_sync``, what
+    DDP's own all-reduce at the group's last micro-batch would give (a collective)."""
+    world = torch.distributed.get_world_size()
+    for grad in grads.values():
+        torch.distributed.all_reduce(grad)
+        grad.div_(world)
 
 
 def _add_note(exc: BaseException, note: str) -> None:

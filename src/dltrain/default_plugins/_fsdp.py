@@ -260,9 +260,10 @@ def _rekey(state_dict: Mapping[str, Any], key: Mapping[Any, Any], where: str) ->
 
 
 def gather_full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, grads: bool
+    model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], *, grads: bool
 ) -> dict[str, Any]:
-    """The full model state dict, optimizer state (index form) and, if ``grads``, gradients, on rank 0's CPU.
+    """The full model state dict, each optimizer's state (index form) and, if ``grads``, the gradients,
+    on rank 0's CPU.
 
     A collective: every process must call it. Other ranks get empty dicts.
     """
@@ -273,16 +274,16 @@ def gather_full_state(
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    parts: dict[str, Any] = {"model": get_model_state_dict(model, options=options), "optimizer": None}
-    if optimizer is not None:
+    parts: dict[str, Any] = {"model": get_model_state_dict(model, options=options), "optimizers": {}}
+    for name, optimizer in optimizers.items():
         if not optimizer.state:
             # Nothing sharded to gather; and get_optimizer_state_dict would make the state
             # with a zero-learning-rate step (Adam would then count one step more).
-            parts["optimizer"] = optimizer.state_dict()
+            parts["optimizers"][name] = optimizer.state_dict()
         else:
             by_name = get_optimizer_state_dict(model, optimizer, options=options)
             names = optimizer_param_names(model, optimizer)
-            parts["optimizer"] = optimizer_state_to_index(by_name, names) if by_name else {}
+            parts["optimizers"][name] = optimizer_state_to_index(by_name, names) if by_name else {}
     if grads:
         parts["grads"] = _full_grads(model)
     return parts
@@ -303,9 +304,9 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, payload: Mapping[str, Any]
+    model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], payload: Mapping[str, Any]
 ) -> None:
-    """Load a checkpoint's full model, optimizer state (index form) and gradients into a sharded run.
+    """Load a checkpoint's full model, optimizer states (index form) and gradients into a sharded run.
 
     Every process calls it with the whole payload; each keeps its shard.
     """
@@ -317,8 +318,10 @@ def load_full_state(
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, payload["model"], options=options)
-    saved = payload.get("optimizer")
-    if optimizer is not None and saved is not None:
+    for name, optimizer in optimizers.items():
+        saved = (payload.get("optimizers") or {}).get(name)
+        if saved is None:
+            continue
         if saved.get("state"):
             by_name = optimizer_state_to_names(saved, optimizer_param_names(model, optimizer))
             set_optimizer_state_dict(model, optimizer, by_name, options=options)

@@ -12,9 +12,9 @@ When it saves (on rank 0 only):
 * ``every_n_steps``: after a training batch whose optimizer step made
   ``global_step`` a multiple of N (never between the micro-batches of an
   accumulation group, and never twice for one step).
-* ``every_n_epochs``: after epoch ``e`` when ``e`` is a multiple of N: after
-  its validation when the Trainer validates that epoch (so ``monitor`` can be
-  a ``val_*`` metric), else right after its training part.
+* ``every_n_epochs``: after epoch ``e`` when ``e`` is a multiple of N, once
+  the epoch is finished (``on_epoch_end``: after its validation when it has
+  one, so ``monitor`` can be a ``val_*`` metric).
 * ``save_on_fit_end``: when fit ends, unless nothing happened since the last save.
 
 At most one checkpoint per global step is kept: an epoch-end save at the
@@ -38,7 +38,7 @@ from dltrain._warnings import warn
 from dltrain.checkpoint import CheckpointInfo, list_checkpoints, next_name, save_checkpoint
 from dltrain.checkpoint._io import finite_or_none
 from dltrain.errors import CheckpointError
-from dltrain.state import Phase, RunKind
+from dltrain.state import RunKind
 
 if TYPE_CHECKING:
     from dltrain.config import CheckpointConfig, TrainerConfig
@@ -88,10 +88,8 @@ class CheckpointPlugin:
 
     def _reset_run(self) -> None:
         self._fitting = False
-        self._has_val = False
         self._seen_step = 0
         self._dirty = False
-        self._pending_epoch = False
 
     # -- run bookkeeping ------------------------------------------------------
 
@@ -101,12 +99,6 @@ class CheckpointPlugin:
         self._reset_run()
         if state.run is RunKind.FIT:
             self.best, self.last = [], None
-
-    @hookimpl
-    def prepare_data(self, state: State, phase: Phase) -> None:
-        """Note whether this fit has validation data (epoch saves wait for its metrics)."""
-        if state.run is RunKind.FIT and phase is Phase.VALIDATE:
-            self._has_val = True
 
     @hookimpl
     def on_fit_start(self, state: State) -> None:
@@ -133,39 +125,25 @@ class CheckpointPlugin:
         stepped = state.global_step > self._seen_step
         self._seen_step = state.global_step
         n = self._cfg.every_n_steps
-        due = self._pending_epoch or (n is not None and state.global_step % n == 0)
-        if stepped and state.micro_step == 0 and due:
-            self._save(trainer, state, "epoch" if self._pending_epoch else "step")
+        if stepped and state.micro_step == 0 and n is not None and state.global_step % n == 0:
+            self._save(trainer, state, "step")
         return result
 
     @hookimpl(wrapper=True)
-    def on_train_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """Save an epoch checkpoint now, or after this epoch's validation if there is one."""
+    def on_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
+        """After all other plugins saw the finished epoch (validation included): save every N epochs."""
         result = yield
         self._dirty = True
         n = self._cfg.every_n_epochs
         if n is not None and (state.epoch + 1) % n == 0:
-            if self._validates_now(state):
-                self._pending_epoch = True
-            else:
-                self._save(trainer, state, "epoch")
-        return result
-
-    @hookimpl(wrapper=True)
-    def on_eval_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """Save the epoch checkpoint that waited for validation metrics."""
-        result = yield
-        if self._fitting:
-            self._dirty = True
-            if self._pending_epoch:
-                self._save(trainer, state, "epoch")
+            self._save(trainer, state, "epoch")
         return result
 
     @hookimpl(wrapper=True)
     def on_fit_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
         """Save the final state, unless the last save already holds it."""
         result = yield
-        if self._dirty and (self._cfg.save_on_fit_end or self._pending_epoch):
+        if self._dirty and self._cfg.save_on_fit_end:
             self._save(trainer, state, "fit_end")
         self._fitting = False
         return result
@@ -175,18 +153,9 @@ class CheckpointPlugin:
         """End of any run (also after an exception)."""
         self._fitting = False
 
-    def _validates_now(self, state: State) -> bool:
-        # The Trainer's rule (TrainerConfig.val_every_n_epochs): every N epochs and
-        # after the last one, unless a stop was requested during the epoch.
-        if not self._has_val or state.stop_requested:
-            return False
-        last = self._max_epochs is not None and state.epoch + 1 >= self._max_epochs
-        return (state.epoch + 1) % self._val_every == 0 or last
-
     # -- saving -------------------------------------------------------------------
 
     def _save(self, trainer: Trainer, state: State, trigger: str) -> None:
-        self._pending_epoch = False
         # Checked on every rank (the replicas hold the same weights), so all ranks agree
         # on whether this save happens.
         bad = _nonfinite_parameters(trainer.model)

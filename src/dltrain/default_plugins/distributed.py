@@ -25,25 +25,25 @@ initialised, so single-process runs pay nothing. In each run it:
   (:class:`~dltrain.default_plugins._fsdp.EvenBatches`).
 * ``gather_model_state`` / ``restore_model_state``: under FSDP, checkpoints
   hold the full model and optimizer state, as one process writes them.
-* keeps every stop decision the same on all ranks (see below).
+* ``agree_on_stop``: keeps every stop decision the same on all ranks (see below).
 * ``on_teardown`` (last): unwraps the model and destroys the process group
   if this plugin created it (kept once it sharded a model: the model's
   parameters live on it).
 
-**Stop agreement.** A stop (early stopping, a signal, ``on_nonfinite="stop"``,
-any plugin's ``request_stop``) may be requested on one rank only, but all
-ranks must leave the loop at the same step, or one waits forever in a
-collective the others never join. After every optimizer step (once every
-other ``on_train_batch_end`` implementation ran) and at every epoch's end,
-the ranks all-reduce the count of ranks that want to stop; when it is
-nonzero, every rank requests the stop, with the reason of the lowest rank
-that asked. The flag is a CPU tensor on a Gloo group, so under NCCL it costs
-no GPU synchronisation; it costs one Gloo round trip per step (on 2 CPU
-processes training an MLP, not measurable above the noise). It must run
-every step: the Trainer acts on a local request at the next step boundary,
-so agreeing less often would let one rank leave early. Nothing here runs
-inside a signal handler; signal plugins must only record the signal there
-and call ``request_stop`` from a hook.
+**Stop agreement** (the ``agree_on_stop`` hook). A stop (early stopping, a
+signal, ``on_nonfinite="stop"``, any plugin's ``request_stop``) may be
+requested on one rank only, but all ranks must leave the loop at the same
+step, or one waits forever in a collective the others never join. The loop
+asks wherever it checks for a stop. After each optimizer step the ranks
+all-reduce, without waiting, the count of ranks that want to stop, and read
+the count started one step earlier (finished long since): when it is
+nonzero, every rank stops at this step, with the reason of the lowest rank
+that asked. So a stop takes effect one step after it is requested, at the
+same step everywhere, and no rank ever waits for another per step (one
+non-blocking Gloo all-reduce of a CPU tensor a step: under NCCL no GPU
+synchronisation). At epoch boundaries and at fit start the count is exact
+(a blocking all-reduce). Nothing here runs inside a signal handler; signal
+plugins must only record the signal and call ``request_stop`` from a hook.
 """
 
 from __future__ import annotations
@@ -160,7 +160,11 @@ class DistributedPlugin:
         self._created_group = False
         self._flag_group: Any = None
         self._own_flag_group = False
-        self._flag = torch.zeros(1, dtype=torch.int32)
+        # Two stop-flag buffers, used in turn: one may be in an all-reduce still in flight.
+        self._flags = (torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+        self._next_flag = 0
+        self._in_flight: tuple[Any, torch.Tensor] | None = None
+        self._failed = False  # the run raised: a rank may be gone, never wait for it
         self._wrapped: torch.nn.Module | None = None
         self._run_seed = 0
 
@@ -218,10 +222,13 @@ class DistributedPlugin:
         self._created_group = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
     def _setup_flag_group(self) -> None:
-        # Stop flags travel as CPU tensors: under NCCL on a Gloo side group, so
-        # agreeing costs no GPU synchronisation.
+        # Stop flags travel as CPU tensors: under NCCL on a Gloo side group, so agreeing costs no
+        # GPU synchronisation. Under Gloo on the default group: an all-reduce left in flight
+        # between two steps is matched by its sequence number, as every rank issues the same
+        # collectives in the same order, so it cannot mix with the model's own.
+        self._in_flight, self._next_flag, self._failed = None, 0, False
         if "gloo" in str(dist.get_backend()).lower():
-            self._flag_group, self._own_flag_group = None, False
+            self._flag_group, self._own_flag_group = dist.group.WORLD, False
         else:
             timeout = self._timeout or _timeout_from_env()
             self._flag_group = dist.new_group(backend="gloo", timeout=timeout)
@@ -272,11 +279,13 @@ class DistributedPlugin:
 
     def _shard(self, trainer: Trainer, state: State, model: torch.nn.Module) -> None:
         before = dict(model.named_parameters())
-        if trainer.optimizer is not None:  # refuse before the model is touched
-            _fsdp.check_swappable(trainer.optimizer, before)
+        optimizers = list(trainer.optimizers.values())
+        for optimizer in optimizers:  # refuse before the model is touched
+            _fsdp.check_swappable(optimizer, before)
         _fsdp.shard(model, state.device, shard_modules=self._shard_modules, fsdp_kwargs=self._fsdp_kwargs)
-        if trainer.optimizer is not None:
-            _fsdp.swap_optimizer_params(trainer.optimizer, before, dict(model.named_parameters()))
+        after = dict(model.named_parameters())
+        for optimizer in optimizers:
+            _fsdp.swap_optimizer_params(optimizer, before, after)
 
     # -- checkpoints (FSDP) -----------------------------------------------------------
 
@@ -286,7 +295,7 @@ class DistributedPlugin:
         model = unwrap_model(trainer.model)
         if not _fsdp.is_sharded(model):
             return None
-        return _fsdp.gather_full_state(model, trainer.optimizer, grads=state.micro_step > 0)
+        return _fsdp.gather_full_state(model, trainer.optimizers, grads=state.micro_step > 0)
 
     @hookimpl
     def restore_model_state(self, trainer: Trainer, payload: Mapping[str, Any]) -> bool | None:
@@ -294,7 +303,7 @@ class DistributedPlugin:
         model = unwrap_model(trainer.model)
         if not _fsdp.is_sharded(model):
             return None
-        _fsdp.load_full_state(model, trainer.optimizer, payload)
+        _fsdp.load_full_state(model, trainer.optimizers, payload)
         return True
 
     # -- data -------------------------------------------------------------------
@@ -317,63 +326,62 @@ class DistributedPlugin:
 
     # -- stop agreement -------------------------------------------------------------
 
-    def _agree_on_stop(self, trainer: Trainer, state: State) -> None:
-        """All-reduce whether each rank wants to stop; if any does, every rank requests it."""
-        if state.world_size < 2:
-            return
-        flag = self._flag
-        flag.fill_(1 if state.stop_requested else 0)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self._flag_group)
-        wanting = int(flag.item())  # a CPU tensor: no device sync
-        if wanting in (0, state.world_size):
-            return
+    @hookimpl
+    def agree_on_stop(self, trainer: Trainer, state: State, blocking: bool) -> bool | None:
+        """Whether every rank stops here (see "Stop agreement" in the module docs).
+
+        After an optimizer step (``blocking=False``) it reads the all-reduce
+        started at the previous step, which has long finished, and starts this
+        step's: no rank waits for another, and all act on the same count at
+        the same step. At epoch boundaries it waits for an exact count.
+        """
+        if state.world_size < 2 or self._flag_group is None:
+            return None
+        wanting = self._count_now(state) if blocking else self._count_one_step_late(state)
+        if not wanting:
+            return False
         reasons: list[Any] = [None] * state.world_size
         dist.all_gather_object(reasons, state.stop_reason if state.stop_requested else None, self._flag_group)
         if not state.stop_requested:
             first = next(r for r, reason in enumerate(reasons) if reason is not None)
             trainer.request_stop(f"{reasons[first]} (on rank {first})")
+        return True
 
-    @hookimpl(wrapper=True, tryfirst=True)
-    def on_fit_start(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """After every plugin's ``on_fit_start``: agree on a stop requested there."""
-        result = yield
-        self._agree_on_stop(trainer, state)
-        return result
+    def _count_one_step_late(self, state: State) -> int:
+        """The number of ranks that wanted to stop at the previous step; starts this step's count."""
+        wanting = self._finish_count()
+        buffer = self._flags[self._next_flag]
+        self._next_flag ^= 1
+        buffer.fill_(1 if state.stop_requested else 0)
+        self._in_flight = (
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._flag_group, async_op=True),
+            buffer,
+        )
+        return wanting
 
-    @hookimpl(wrapper=True, tryfirst=True)
-    def on_train_batch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """After every other plugin saw the batch: at a step boundary, agree on stopping."""
-        result = yield
-        if state.micro_step == 0:
-            self._agree_on_stop(trainer, state)
-        return result
+    def _count_now(self, state: State) -> int:
+        """The number of ranks that want to stop now (a blocking all-reduce, once any in flight ended)."""
+        self._finish_count()
+        buffer = self._flags[0]
+        buffer.fill_(1 if state.stop_requested else 0)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._flag_group)
+        return int(buffer.item())  # a CPU tensor: no device sync
 
-    @hookimpl
-    def compute_metrics(self, trainer: Trainer, state: State) -> None:
-        """At an epoch's end, before the Trainer decides whether to validate: agree on stopping.
-
-        (The non-finite check at the epoch's end may have requested a stop on one rank.)
-        Reports no metrics.
-        """
-        if state.run is RunKind.FIT:
-            self._agree_on_stop(trainer, state)
-
-    @hookimpl(wrapper=True, tryfirst=True)
-    def on_train_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """After every plugin's ``on_train_epoch_end``: agree on a stop requested there."""
-        result = yield
-        self._agree_on_stop(trainer, state)
-        return result
-
-    @hookimpl(wrapper=True, tryfirst=True)
-    def on_eval_epoch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """After every plugin's ``on_eval_epoch_end`` in fit (early stopping): agree on stopping."""
-        result = yield
-        if state.run is RunKind.FIT:
-            self._agree_on_stop(trainer, state)
-        return result
+    def _finish_count(self) -> int:
+        """Wait for the all-reduce in flight, if any (started a step ago: done by now); its count."""
+        if self._in_flight is None:
+            return 0
+        work, buffer = self._in_flight
+        self._in_flight = None
+        work.wait()
+        return int(buffer.item())
 
     # -- teardown ---------------------------------------------------------------
+
+    @hookimpl
+    def on_exception(self) -> None:
+        """Remember that the run failed: teardown then waits for no other rank."""
+        self._failed = True
 
     @hookimpl(trylast=True)
     def on_teardown(self, trainer: Trainer) -> None:
@@ -386,14 +394,22 @@ class DistributedPlugin:
         if self._wrapped is not None:
             trainer.model, self._wrapped = self._wrapped, None
         try:
+            if self._in_flight is not None and dist.is_initialized() and not self._failed:
+                self._finish_count()  # every rank started it: waiting is safe
             if self._created_group and not self._keep_group and dist.is_initialized():
                 dist.destroy_process_group()
-            elif self._own_flag_group and self._flag_group is not None and dist.is_initialized():
+            elif (
+                self._own_flag_group
+                and self._flag_group is not None
+                and dist.is_initialized()
+                and not (self._failed and self._in_flight is not None)  # pending work on a dead peer
+            ):
                 dist.destroy_process_group(self._flag_group)
         except Exception as exc:  # pragma: no cover - never hide the run's own error
             warn(f"dltrain: destroying the process group failed: {exc!r}")
         finally:
             self._created_group, self._own_flag_group, self._flag_group = False, False, None
+            self._in_flight = None
 
 
 def make_plugin(config: TrainerConfig) -> DistributedPlugin | None:

@@ -156,7 +156,6 @@ class MetricLogPlugin:
         self._config = config
         self._file: IO[str] | None = None
         self._t0 = 0.0
-        self._pending: dict[str, Any] | None = None
         self._resume_from: Path | None = None
 
     @property
@@ -198,13 +197,7 @@ class MetricLogPlugin:
         if flush:
             f.flush()
 
-    def _flush_pending(self) -> None:
-        if self._pending is not None:
-            row, self._pending = self._pending, None
-            self._write(row, flush=True)
-
     def _close(self) -> None:
-        self._flush_pending()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -228,7 +221,7 @@ class MetricLogPlugin:
 
     @hookimpl
     def on_teardown(self) -> None:
-        """Write a waiting epoch row and close the file (the run ended, maybe by an exception)."""
+        """Close the file (the run ended, maybe by an exception)."""
         self._close()
 
     # -- resume ------------------------------------------------------------------
@@ -246,11 +239,6 @@ class MetricLogPlugin:
     # -- step rows -----------------------------------------------------------------
 
     @hookimpl
-    def on_train_epoch_start(self) -> None:
-        """Write the previous epoch's row if it is still waiting (it did not validate)."""
-        self._flush_pending()
-
-    @hookimpl
     def on_step_metrics(self, state: State, metrics: Mapping[str, float]) -> None:
         """Write a step row: every ``log_every_n_steps`` optimizer steps, the interval's metrics."""
         if self._file is not None:
@@ -259,27 +247,16 @@ class MetricLogPlugin:
     # -- epoch rows ------------------------------------------------------------------
 
     @hookimpl
-    def on_train_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
-        """Keep the epoch's row until its validation, if any, has run."""
+    def on_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Write the epoch's row: its training and validation metrics."""
         if self._file is not None:
-            self._pending = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step, **metrics}
+            row = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step, **metrics}
+            self._write(row, flush=True)
 
     @hookimpl
     def on_eval_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
-        """Write the epoch's row with its validation metrics, or a standalone evaluation's row."""
-        if self._file is None:
-            return
-        if state.run is RunKind.FIT:
-            if self._pending is None:  # resumed between an epoch's training and its validation
-                self._pending = {
-                    "kind": "epoch",
-                    "epoch": state.epoch + 1,
-                    "step": state.global_step,
-                    **state.metrics,
-                }
-            self._pending.update(metrics)
-            self._flush_pending()
-        elif metrics:
+        """Write a standalone evaluation's row (a fit's validation is in its epoch's row)."""
+        if self._file is not None and state.run is not RunKind.FIT and metrics:
             self._write({"kind": state.run.value, **metrics}, flush=True)
 
 

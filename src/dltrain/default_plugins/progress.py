@@ -18,9 +18,8 @@ Two displays, chosen by ``TrainerConfig.progress``:
 installed, else the line. Only the process of rank 0 prints. tqdm is
 imported when the first bar is drawn, never by ``import dltrain``.
 
-An epoch's line is printed once its validation (if any) has run, so it holds
-the training and validation metrics together; an epoch that does not
-validate is printed as soon as the next epoch starts, or the fit ends.
+An epoch's line is printed by ``on_epoch_end``, once its validation (if any)
+has run, so it holds the training and validation metrics together.
 """
 
 from __future__ import annotations
@@ -116,8 +115,6 @@ class LineProgress:
         self._max_steps = max_steps
         self._stream = stream
         self._started = 0.0
-        # The finished training epoch whose line waits for its validation.
-        self._pending: tuple[str, dict[str, float], float] | None = None
 
     # -- output ---------------------------------------------------------------
 
@@ -135,14 +132,6 @@ class LineProgress:
             label += f"  step {state.global_step}/{self._max_steps}"
         return label
 
-    def _flush_pending(self) -> None:
-        if self._pending is None:
-            return
-        label, metrics, started = self._pending
-        self._pending = None
-        parts = [label, format_metrics(metrics), f"({time.monotonic() - started:.1f} s)"]
-        self._print("  ".join(p for p in parts if p))
-
     # -- hooks -----------------------------------------------------------------
 
     @hookimpl
@@ -157,15 +146,19 @@ class LineProgress:
 
     @hookimpl
     def on_train_epoch_start(self, state: State) -> None:
-        """Print the previous epoch's line if it is still waiting; start the epoch's clock."""
-        self._flush_pending()
+        """Start the epoch's clock."""
         self._started = time.monotonic()
 
     @hookimpl
-    def on_train_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
-        """Keep the epoch's line until its validation, if any, has run."""
+    def on_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Print the epoch's line: its training and validation metrics."""
         if state.is_global_zero:
-            self._pending = (self._epoch_label(state), dict(metrics), self._started)
+            parts = [
+                self._epoch_label(state),
+                format_metrics(metrics),
+                f"({time.monotonic() - self._started:.1f} s)",
+            ]
+            self._print("  ".join(p for p in parts if p))
 
     @hookimpl
     def on_eval_epoch_start(self, state: State) -> None:
@@ -175,13 +168,8 @@ class LineProgress:
 
     @hookimpl
     def on_eval_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
-        """Print the epoch's line with its validation metrics, or the evaluation's line."""
-        if not state.is_global_zero:
-            return
-        if state.run is RunKind.FIT and self._pending is not None:
-            label, train_metrics, started = self._pending
-            self._pending = (label, {**train_metrics, **metrics}, started)
-            self._flush_pending()
+        """Print a standalone evaluation's line (a fit's validation is on its epoch's line)."""
+        if not state.is_global_zero or state.run is RunKind.FIT:
             return
         seconds = f"({time.monotonic() - self._started:.1f} s)"
         if state.phase is Phase.PREDICT:
@@ -191,17 +179,9 @@ class LineProgress:
 
     @hookimpl
     def on_fit_end(self, state: State) -> None:
-        """Print the last epoch's line, and why the fit stopped when it stopped early."""
-        if not state.is_global_zero:
-            return
-        self._flush_pending()
-        if state.stop_requested and state.stop_reason:
+        """Say why the fit stopped, when it stopped early."""
+        if state.is_global_zero and state.stop_requested and state.stop_reason:
             self._print(f"stopped: {state.stop_reason}")
-
-    @hookimpl
-    def on_teardown(self) -> None:
-        """Print a line still waiting when a run ended with an exception."""
-        self._flush_pending()
 
 
 class BarProgress(LineProgress):
@@ -266,10 +246,6 @@ class BarProgress(LineProgress):
             self._bar.close()
             self._bar = None
 
-    def _flush_pending(self) -> None:
-        self._close()
-        super()._flush_pending()
-
     # -- hooks -----------------------------------------------------------------
 
     @hookimpl(wrapper=True)
@@ -285,7 +261,7 @@ class BarProgress(LineProgress):
 
     @hookimpl
     def on_train_epoch_start(self, state: State) -> None:
-        """Print the previous epoch's line if waiting; open this epoch's bar."""
+        """Open this epoch's bar."""
         super().on_train_epoch_start(state)
         self._loss = RunningMean()
         if state.is_global_zero:
@@ -309,10 +285,15 @@ class BarProgress(LineProgress):
         bar.update(state.batch_idx + 1 - bar.n)
 
     @hookimpl
-    def on_train_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
-        """Keep the epoch's line until its validation, if any, has run."""
-        super().on_train_epoch_end(state, metrics)
+    def on_train_epoch_end(self) -> None:
+        """Close the epoch's bar."""
         self._close()
+
+    @hookimpl
+    def on_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Close any bar; print the epoch's line."""
+        self._close()
+        super().on_epoch_end(state, metrics)
 
     @hookimpl
     def on_eval_epoch_start(self, state: State) -> None:
@@ -344,9 +325,8 @@ class BarProgress(LineProgress):
 
     @hookimpl
     def on_teardown(self) -> None:
-        """Close any bar left open (an exception) and print a waiting line."""
+        """Close any bar left open (an exception)."""
         self._close()
-        super().on_teardown()
 
 
 def make_plugin(config: TrainerConfig) -> LineProgress | None:

@@ -183,6 +183,12 @@ class StepPlugin:
     @hookimpl(trylast=True)
     def training_step(self, trainer: Trainer, state: State, model: torch.nn.Module, batch: Any) -> StepOutput:
         """Forward the inputs and compute the loss against the targets."""
+        if trainer.config.manual_optimization:
+            raise StepError(
+                "manual_optimization=True, but no training_step of yours answered this batch (it returned "
+                "None): a manual step must do its update and return its losses (a StepOutput, a dict of "
+                "named losses, or a scalar loss)"
+            )
         inputs, targets = unpack_batch(batch)
         outputs = _call_model(model, inputs)
         loss = compute_loss(trainer, state, outputs, targets)
