@@ -170,8 +170,9 @@ class Driver:
         state.phase = Phase.TRAIN
         if not resuming:
             state.metrics, state.micro_step = {}, 0
-            for optimizer in self.optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
+            if not runner.manual:  # a manual step owns its gradients, also between epochs
+                for optimizer in self.optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
         trainer.model.train()
         first = state.batch_idx + 1 if resuming else 0
         batches = self.data.begin(data, state.epoch, state.batch_idx if resuming else None)

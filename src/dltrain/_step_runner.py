@@ -135,6 +135,9 @@ class StepRunner:
         if self._scaled_steps:  # once per update, after every optimizer stepped (GradScaler's rule)
             self.scaler.update()
             self._scaled_steps = False
+        if self._skipping:  # "skip": no gradient of this batch outlives it, stepped or not
+            for optimizer in self._opts.values():
+                optimizer.zero_grad(set_to_none=True)
         self._skipping = self._skip_counted = False
         state.micro_step = 0
         state.global_step += 1
@@ -238,6 +241,11 @@ class StepRunner:
 
         trainer = self.trainer
         self.guard.check(self.state, unwrap_model(trainer.model), trainer.request_stop)
+
+    def grads_are_state(self) -> bool:
+        """Whether the parameters' gradients are part of the run's state now: mid accumulation
+        group, or with manual optimization (a step may leave gradients for the next one)."""
+        return self.state.micro_step > 0 or self.manual
 
     def unsynced_grads(self) -> bool:
         """Whether the gradients now are this process's alone (mid group, under ``no_sync``), so a

@@ -519,8 +519,8 @@ def gather_model_state(trainer: Trainer, state: State) -> Mapping[str, Any] | No
         mapping with ``"model"`` (the plain model's state dict: its keys and
         full shapes), ``"optimizers"`` (optimizer name to the optimizer's state
         in the form of ``torch.optim.Optimizer.state_dict()``, keyed by
-        parameter index) and, when ``state.micro_step`` is not 0, ``"grads"``
-        (parameter name to full gradient). Rank 0's result is the one written;
+        parameter index) and, when ``state.micro_step`` is not 0 or with
+        manual optimization, ``"grads"`` (parameter name to full gradient). Rank 0's result is the one written;
         others may be empty.
     """
 
@@ -538,7 +538,7 @@ def restore_model_state(trainer: Trainer, state: State, payload: Mapping[str, An
         payload: The checkpoint's payload, as :func:`gather_model_state` (or the
             Trainer's default) made it: ``payload["model"]``,
             ``payload["optimizers"]`` (name to state), and ``payload["grads"]``
-            when it was saved mid accumulation group.
+            when it was saved mid accumulation group or by a manual step.
 
     Returns:
         True when this implementation restored the model, the optimizer and

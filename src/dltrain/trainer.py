@@ -345,7 +345,7 @@ class Trainer:
                 "model": model.state_dict(),
                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             }
-            if state.micro_step:  # mid accumulation group: the partial gradients are state too
+            if run.runner is not None and run.runner.grads_are_state():  # mid group, or a manual step's
                 parts["grads"] = {
                     name: p.grad.detach().clone()
                     for name, p in model.named_parameters()
@@ -376,7 +376,7 @@ class Trainer:
             "world_size": state.world_size,
             "versions": _versions(),
         }
-        if state.micro_step and parts.get("grads") is not None:
+        if parts.get("grads"):
             payload["grads"] = parts["grads"]
         return payload
 

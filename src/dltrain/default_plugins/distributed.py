@@ -295,7 +295,8 @@ class DistributedPlugin:
         model = unwrap_model(trainer.model)
         if not _fsdp.is_sharded(model):
             return None
-        return _fsdp.gather_full_state(model, trainer.optimizers, grads=state.micro_step > 0)
+        grads = state.micro_step > 0 or trainer.config.manual_optimization  # as Trainer.state_dict keeps them
+        return _fsdp.gather_full_state(model, trainer.optimizers, grads=grads)
 
     @hookimpl
     def restore_model_state(self, trainer: Trainer, payload: Mapping[str, Any]) -> bool | None:

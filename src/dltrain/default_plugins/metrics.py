@@ -70,7 +70,17 @@ class _Sums:
     Correct predictions and custom metrics are added in place each batch.
     """
 
-    __slots__ = ("correct", "count", "custom", "loss", "loss_count", "pending", "pending_bs")
+    __slots__ = (
+        "correct",
+        "count",
+        "custom",
+        "loss",
+        "loss_count",
+        "named",
+        "named_count",
+        "pending",
+        "pending_bs",
+    )
 
     def __init__(self, device: torch.device, n_custom: int) -> None:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -80,6 +90,17 @@ class _Sums:
         self.loss_count = 0
         self.pending: list[torch.Tensor] = []  # losses of batches of pending_bs samples, not summed yet
         self.pending_bs = 0
+        self.named: dict[str, torch.Tensor] = {}  # named losses (StepOutput.losses): weighted sums
+        self.named_count: dict[str, int] = {}
+
+    def add_named(self, losses: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        """Add a batch's named losses, each weighted by the batch's size (device ops, no sync)."""
+        for name, value in losses.items():
+            total = self.named.get(name)
+            if total is None:
+                total = self.named[name] = torch.zeros((), dtype=torch.float64, device=self.loss.device)
+            total.add_(value.detach().reshape(()).to(torch.float64), alpha=batch_size)
+            self.named_count[name] = self.named_count.get(name, 0) + batch_size
 
     def add_loss(self, loss: torch.Tensor, batch_size: int) -> None:
         """Add one batch's (detached) mean loss, weighted by the batch's size."""
@@ -100,10 +121,28 @@ class _Sums:
         return self.loss + _weighted_sum(self.pending, self.pending_bs) if self.pending else self.loss
 
     def packed(self) -> torch.Tensor:
-        """``[loss, correct, *custom, count, loss_count]`` in one float64 tensor, to all-reduce."""
-        counts = torch.tensor([self.count, self.loss_count], dtype=torch.float64, device=self.loss.device)
+        """``[loss, correct, *custom, *named, *named counts, count, loss_count]`` in one float64 tensor,
+        to all-reduce (named losses in the order of ``self.named``)."""
+        device = self.loss.device
+        counts = torch.tensor([self.count, self.loss_count], dtype=torch.float64, device=device)
         loss, correct = self.total_loss().reshape(1), self.correct.to(torch.float64).reshape(1)
-        return torch.cat([loss, correct, self.custom, counts])
+        named = [t.reshape(1) for t in self.named.values()]
+        named_counts = torch.tensor(
+            [self.named_count[k] for k in self.named], dtype=torch.float64, device=device
+        )
+        return torch.cat([loss, correct, self.custom, *named, named_counts, counts])
+
+    def unpack(self, packed: torch.Tensor) -> dict[str, Any]:
+        """The parts of :meth:`packed` (all-reduced or not), by name; named losses as sum and count."""
+        c, n = self.custom.numel(), len(self.named)
+        return {
+            "loss": packed[0],
+            "correct": packed[1],
+            "custom": packed[2 : 2 + c],
+            "named": {k: (packed[2 + c + i], packed[2 + c + n + i]) for i, k in enumerate(self.named)},
+            "count": packed[-2],
+            "loss_count": packed[-1],
+        }
 
 
 # Pending batch losses are summed every this many batches: one stack of a few KB,
@@ -193,6 +232,8 @@ class MetricsPlugin:
         loss = output.loss
         if loss is not None and self._report_loss:
             sums.add_loss(loss.detach() if loss.requires_grad else loss, bs)
+        if output.losses:
+            sums.add_named(output.losses, bs)
         outputs, targets = output.outputs, output.targets
         if targets is None:
             return
@@ -232,11 +273,13 @@ class MetricsPlugin:
         packed = sums.packed()
         if state.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(packed)
-        loss_sum, correct, custom = packed[0], packed[1], packed[2:-2]
-        count, loss_count = packed[-2], packed[-1]
+        parts = sums.unpack(packed)
+        correct, custom, count = parts["correct"], parts["custom"], parts["count"]
         result: dict[str, Any] = {}
         if sums.loss_count:
-            result["loss"] = loss_sum / loss_count
+            result["loss"] = parts["loss"] / parts["loss_count"]
+        for key, (total, named_count) in parts["named"].items():
+            result[key] = total / named_count
         if self._classify:
             result["accuracy"] = correct / count
         for i, key in enumerate(self._fns):
@@ -262,13 +305,18 @@ class MetricsPlugin:
         if state is not None and state.world_size > 1 and torch.distributed.is_initialized():
             packed = sums.packed()
             torch.distributed.all_reduce(packed)
-            loss, correct, custom = packed[0], packed[1].to(torch.int64), packed[2:-2]
-            count, loss_count = int(packed[-2]), int(packed[-1])
+            parts = sums.unpack(packed)
+            loss, correct, custom = parts["loss"], parts["correct"].to(torch.int64), parts["custom"]
+            count, loss_count = int(parts["count"]), int(parts["loss_count"])
+            named = {k: (t.cpu(), int(n)) for k, (t, n) in parts["named"].items()}
             pending = []
         else:
             loss, correct, custom = sums.loss, sums.correct, sums.custom
             count, loss_count = sums.count, sums.loss_count
+            named = {k: (t.cpu(), sums.named_count[k]) for k, t in sums.named.items()}
         return {
+            "named": {k: t for k, (t, _) in named.items()},
+            "named_count": {k: n for k, (_, n) in named.items()},
             "loss": loss.cpu(),
             "pending": stack_scalars(pending).cpu() if pending else torch.zeros(0),
             "pending_batch_size": sums.pending_bs if pending else 0,
@@ -303,6 +351,8 @@ class MetricsPlugin:
             sums.custom.copy_(state_dict["custom"])
         sums.count = int(state_dict["count"])
         sums.loss_count = int(state_dict["loss_count"])
+        sums.named = {k: v.to(device) for k, v in state_dict.get("named", {}).items()}
+        sums.named_count = {k: int(v) for k, v in state_dict.get("named_count", {}).items()}
 
 
 def make_plugin(config: TrainerConfig) -> MetricsPlugin:
