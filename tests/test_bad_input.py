@@ -247,7 +247,7 @@ def test_batches_the_default_step_cannot_unpack_say_how_to_support_them() -> Non
     assert "(inputs, targets)" in str(info.value) and "training_step/eval_step" in str(info.value)
 
     dicts = [{"image": X[:8], "label": Y[:8]}]
-    with pytest.raises(DataError, match=r"dict batch with keys \['image', 'label'\].*Rename the keys"):
+    with pytest.raises(DataError, match=r"dict batch with keys \['image', 'label'\].*no input key.*rename"):
         fit(data=dicts)
 
 

@@ -7,7 +7,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from dltrain.default_plugins.step import batch_size_of, unpack_batch
+from dltrain.default_plugins.step import batch_size_of, split_batch, unpack_batch
 from dltrain.errors import DataError
 
 X, Y = torch.zeros(5, 3), torch.zeros(5, dtype=torch.long)
@@ -51,3 +51,77 @@ def test_unpack_batch_refuses_a_named_tuple_and_other_lengths() -> None:
         unpack_batch((X, Y, Y))
     with pytest.raises(DataError, match="tuple of length 1"):
         unpack_batch((X,))
+
+
+# -- dict batches: nothing is dropped silently ---------------------------------------------------------
+
+
+class Masked(torch.nn.Module):
+    """A model that takes a mask next to its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.masks.append(mask)
+        return self.linear(x) * mask.unsqueeze(-1)
+
+
+def _fit(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], loss_fn: object = None) -> object:
+    import dltrain
+
+    trainer = dltrain.Trainer(max_epochs=1, progress="off", run_dir=None, device="cpu")
+    return trainer.fit(
+        model, batches, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=loss_fn or torch.nn.CrossEntropyLoss(),
+    )  # fmt: skip
+
+
+def test_split_batch_passes_extra_dict_keys_as_keyword_arguments() -> None:
+    mask = torch.ones(5)
+    split = split_batch({"x": X, "y": Y, "mask": mask})
+    assert split.args == (X,) and split.kwargs == {"mask": mask} and split.targets is Y
+    hf = {"input_ids": Y, "attention_mask": mask, "labels": Y}
+    split = split_batch(hf)
+    assert split.args == () and split.kwargs == hf and split.targets is Y
+
+
+def test_a_dict_batch_with_a_mask_reaches_the_model() -> None:
+    model = Masked()
+    _fit(model, [{"x": X, "y": Y % 2, "mask": torch.ones(5)}])
+    assert len(model.masks) == 1
+
+
+def test_a_dict_batch_the_model_cannot_take_names_the_keys_and_the_fix() -> None:
+    with pytest.raises(
+        DataError, match=r"model\(inputs, mask=\.\.\.\).*keys \['mask'\].*Sequential\.forward\(\)"
+    ):
+        _fit(torch.nn.Sequential(torch.nn.Linear(3, 2)), [{"x": X, "y": Y % 2, "mask": torch.ones(5)}])
+
+
+class TinyLM(torch.nn.Module):
+    """Shaped like a Hugging Face model: keyword inputs, a record with ``loss`` and ``logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = self.head(self.embed(input_ids) * attention_mask.unsqueeze(-1))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return out
+
+
+def test_a_hugging_face_shaped_batch_trains_with_the_models_own_loss() -> None:
+    ids = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6), "labels": ids}
+    model = TinyLM()
+    history = _fit(model, [batch] * 20)
+    assert history["train_loss"][0] < 2.0  # it learned to copy its input: far below ln(10) = 2.3

@@ -559,3 +559,53 @@ def test_unwrap_model_reaches_the_users_module_and_leaves_others_alone() -> None
     assert dltrain.unwrap_model(holder) is holder
     compiled = torch.compile(holder, backend="eager")  # wraps only; nothing compiles until called
     assert dltrain.unwrap_model(compiled) is holder
+
+
+# -- custom metrics: ratios and phases ---------------------------------------------------------------
+
+
+def test_an_epoch_metric_is_computed_from_the_epochs_exact_values() -> None:
+    import math
+
+    calls: list[str] = []
+
+    def batch_perplexity(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append("batch")
+        return torch.exp(nn.functional.cross_entropy(outputs, targets))
+
+    model = tiny_model()
+    trainer = make_trainer(
+        max_epochs=1,
+        metrics={
+            "perplexity": dltrain.EpochMetric(lambda m: math.exp(m["loss"]), phases=("validate", "test")),
+            "batch_ppl": dltrain.Metric(batch_perplexity, phases=["validate"]),
+        },
+    )
+    history = trainer.fit(
+        model, tiny_loader(samples=64, batch_size=16), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(), val_data=tiny_loader(samples=48, batch_size=16, seed=3),
+    )  # fmt: skip
+    row = history.last()
+    assert row["val_perplexity"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-12)
+    # The mean of the batches' exp is another (wrong) number; and the batch metric ran on validation only.
+    assert row["val_batch_ppl"] != pytest.approx(row["val_perplexity"], rel=1e-6)
+    assert "train_perplexity" not in row and "train_batch_ppl" not in row
+    assert calls == ["batch"] * 3
+    assert trainer.test(model, tiny_loader(samples=16))["test_perplexity"] > 1
+
+
+def test_an_epoch_metric_reading_a_missing_value_names_those_there_are() -> None:
+    model = tiny_model()
+    trainer = make_trainer(max_epochs=1, metrics={"ppl": dltrain.EpochMetric(lambda m: m["los"])})
+    with pytest.raises(dltrain.ConfigError, match=r"epoch metric 'ppl' reads 'los'.*\['loss'\]"):
+        trainer.fit(
+            model,
+            tiny_loader(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(),
+        )
+
+
+def test_a_metric_phase_that_does_not_exist_is_refused_at_once() -> None:
+    with pytest.raises(dltrain.ConfigError, match=r"metric 'm': phase 'valid' is not one of"):
+        make_trainer(metrics={"m": dltrain.Metric(lambda o, t: o.mean(), phases=("valid",))})

@@ -27,7 +27,8 @@ from dltrain.errors import (
     PluginError,
     StepError,
 )
-from dltrain.state import History, Phase, RunKind, State, StepOutput
+from dltrain.metrics import EpochMetric, Metric
+from dltrain.state import History, Phase, RunKind, Stage, State, StepOutput
 
 if TYPE_CHECKING:
     from dltrain._loop import unwrap_model
@@ -54,13 +55,16 @@ __all__ = [
     "DataError",
     "DeviceError",
     "DltrainError",
+    "EpochMetric",
     "History",
     "InMemoryLoader",
+    "Metric",
     "NonFiniteError",
     "Phase",
     "PluginError",
     "PluginInfo",
     "RunKind",
+    "Stage",
     "State",
     "StepError",
     "StepOutput",

@@ -360,6 +360,9 @@ class Driver:
             values = torch.stack([t.detach().reshape(()).to(torch.float64).cpu() for t in tensors.values()])
             merged.update(zip(tensors, values.tolist(), strict=True))
         metrics = {k: float(v) for k, v in merged.items()}
+        for name, (epoch_metric, phases) in self.trainer._epoch_metrics.items():  # from the exact values
+            if state.phase in phases:
+                metrics[f"{prefix}_{name}"] = epoch_metric.compute(name, prefix, metrics)
         if state.phase is Phase.TRAIN and self.runner is not None and self.runner.guard.skips:
             metrics["train_skipped_steps"] = float(state.skipped_steps)  # shown, so skips are seen
         state.metrics.update(metrics)

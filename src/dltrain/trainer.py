@@ -31,6 +31,7 @@ from dltrain._plugin_manager import PluginManager
 from dltrain._rng import get_rng_state, seed_everything
 from dltrain.config import TrainerConfig
 from dltrain.errors import CheckpointError, DltrainError, PluginError, StepError
+from dltrain.metrics import EpochMetric, phases_of
 from dltrain.state import History, Phase, RunKind, State
 
 __all__ = ["Trainer"]
@@ -52,8 +53,11 @@ class Trainer:
             Omit it to use the defaults.
         plugins: Plugin instances (or modules) to register after the
             built-ins and the installed entry-point plugins.
-        metrics: Extra metrics by name, reported for every phase: callables
-            ``(outputs, targets) -> tensor`` or torchmetrics-style objects.
+        metrics: Extra metrics by name: callables ``(outputs, targets) ->
+            tensor`` (batch means) or torchmetrics-style objects, reported for
+            every phase, or wrapped in :class:`dltrain.metrics.Metric` to choose
+            the phases; and :class:`dltrain.metrics.EpochMetric` for a metric
+            computed from the epoch's exact values (a ratio such as perplexity).
         **config_fields: Config fields, overriding those of ``config``.
 
     Raises:
@@ -96,11 +100,19 @@ class Trainer:
             config = TrainerConfig.model_validate({**dict(config or {}), **config_fields})
         self.config: TrainerConfig = config
         user_plugins = list(plugins)
-        if metrics:
+        batch_metrics = {k: v for k, v in (metrics or {}).items() if not isinstance(v, EpochMetric)}
+        self._epoch_metrics = {
+            name: (metric, phases_of(metric.phases, f"metric {name!r}"))
+            for name, metric in (metrics or {}).items()
+            if isinstance(metric, EpochMetric)
+        }
+        if batch_metrics:
             from dltrain.default_plugins.metrics import MetricsPlugin
 
             user_plugins.append(
-                MetricsPlugin(accuracy="never", metrics=metrics, report_loss=False, name="custom_metrics")
+                MetricsPlugin(
+                    accuracy="never", metrics=batch_metrics, report_loss=False, name="custom_metrics"
+                )
             )
         self.plugin_manager = PluginManager(config, user_plugins)
         self.history = History()

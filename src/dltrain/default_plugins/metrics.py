@@ -21,6 +21,7 @@ import torch
 from dltrain._markers import hookimpl
 from dltrain._running import stack_scalars
 from dltrain.errors import DltrainError
+from dltrain.metrics import Metric, phases_of
 from dltrain.state import Phase
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ class _Sums:
         }
 
 
+ALL = frozenset({Phase.TRAIN, Phase.VALIDATE, Phase.TEST})
+
 # Pending batch losses are summed every this many batches: one stack of a few KB,
 # instead of a type-promoting in-place add (a kernel launch) per batch.
 _FOLD = 256
@@ -166,8 +169,9 @@ class MetricsPlugin:
             only evaluation reports it).
         metrics: Extra metrics by name: a callable ``(outputs, targets) ->
             scalar tensor`` (the batch's mean value; the epoch value is the
-            batch-size-weighted mean), or an object with torchmetrics'
-            ``update``/``compute``/``reset``.
+            batch-size-weighted mean), an object with torchmetrics'
+            ``update``/``compute``/``reset``, or either wrapped in a
+            :class:`dltrain.metrics.Metric` to choose its phases.
         report_loss: Whether to report the mean ``loss``; turn it off in a
             second instance that only adds custom metrics.
         name: Plugin name; give a second instance another name.
@@ -188,7 +192,13 @@ class MetricsPlugin:
         self._train_accuracy = train_accuracy
         self._fns: dict[str, MetricFn] = {}
         self._stateful: dict[str, StatefulMetric] = {}
+        self._phases: dict[str, frozenset[Phase]] = {}  # where each custom metric runs
+        self._live: list[tuple[int, MetricFn]] = []  # this epoch's batch functions, by index
         for key, metric in (metrics or {}).items():
+            phases = ALL
+            if isinstance(metric, Metric):
+                metric, phases = metric.fn, phases_of(metric.phases, f"metric {key!r}")
+            self._phases[key] = phases
             if isinstance(metric, StatefulMetric):
                 self._stateful[key] = metric
             elif callable(metric):
@@ -205,13 +215,16 @@ class MetricsPlugin:
     # -- accumulation --------------------------------------------------------
 
     def _start(self, state: State) -> None:
+        phase = state.phase
+        self._live = [(i, fn) for i, (k, fn) in enumerate(self._fns.items()) if phase in self._phases[k]]
         resumed, self._resumed = self._resumed, False
-        if resumed and state.phase is Phase.TRAIN and state.batch_idx > 0:
+        if resumed and phase is Phase.TRAIN and state.batch_idx > 0:
             return  # continuing an epoch restored from a checkpoint: keep its sums
         self._sums = None
         self._classify = None
-        for metric in self._stateful.values():
-            metric.reset()
+        for key, metric in self._stateful.items():
+            if phase in self._phases[key]:
+                metric.reset()
 
     @hookimpl
     def on_train_epoch_start(self, state: State) -> None:
@@ -245,12 +258,13 @@ class MetricsPlugin:
             )
         if self._classify:
             sums.correct.add_((outputs.argmax(-1) == targets).sum())  # integer ops: no autograd graph
-        if self._fns:
-            for i, fn in enumerate(self._fns.values()):
+        if self._live:  # the custom batch metrics of this phase
+            for i, fn in self._live:
                 sums.custom[i].add_(torch.as_tensor(fn(outputs.detach(), targets)).detach(), alpha=bs)
         if self._stateful:
-            for metric in self._stateful.values():
-                metric.update(outputs.detach(), targets)
+            for key, metric in self._stateful.items():
+                if state.phase in self._phases[key]:
+                    metric.update(outputs.detach(), targets)
 
     @hookimpl
     def on_train_batch_end(self, state: State, output: StepOutput) -> None:
@@ -282,10 +296,11 @@ class MetricsPlugin:
             result[key] = total / named_count
         if self._classify:
             result["accuracy"] = correct / count
-        for i, key in enumerate(self._fns):
-            result[key] = custom[i] / count
+        for i, _ in self._live:
+            result[list(self._fns)[i]] = custom[i] / count
         for key, metric in self._stateful.items():
-            result[key] = metric.compute()
+            if state.phase in self._phases[key]:
+                result[key] = metric.compute()
         return result
 
     @hookimpl
