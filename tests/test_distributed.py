@@ -90,6 +90,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "sequential": runs.fit_sequential(),
         "in_memory": runs.fit_in_memory_shuffled(),
+        "accumulating": runs.fit_accumulating(),
         "checkpoint": list_checkpoints(directory / "checkpoints")[-1].payload_path,
     }
 
@@ -188,6 +189,20 @@ def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(
     assert [r["global_step"] for r in results] == [step, step]
     assert results[0]["epochs"] == results[1]["epochs"]
     assert all(r["stop_reason"].startswith(reason) for r in results)
+
+
+@needs_distributed
+def test_accumulation_skips_the_all_reduce_of_micro_batches_that_do_not_step(
+    ddp: dict[str, Any], single: dict[str, Any]
+) -> None:
+    for result in ddp["ranks"]:
+        acc = result["accumulating"]
+        assert acc["steps"] == 12 and len(acc["by_batch"]) == 24  # 2 epochs of 12 micro-batches
+        # The first micro-batch of each pair accumulates under no_sync: no all-reduce; the second
+        # all-reduces the pair's gradients (one call per DDP bucket).
+        assert [calls for micro_step, calls in acc["by_batch"] if micro_step == 1] == [0] * 12
+        assert all(calls > 0 for micro_step, calls in acc["by_batch"] if micro_step == 0)
+        _close(acc["weights"], single["accumulating"]["weights"])
 
 
 @needs_distributed
