@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import doctest
+import html.parser
 import importlib.util
 import io
 import os
@@ -251,21 +252,124 @@ def _docs_tools_missing() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_docs_tools_missing() is not None, reason=str(_docs_tools_missing()))
-def test_the_site_builds_strictly_without_warnings(tmp_path: Path) -> None:
+@dataclasses.dataclass
+class BuiltSite:
+    """One ``mkdocs build --strict`` of the site, shared by the tests that read the result."""
+
+    path: Path
+    returncode: int
+    log: str
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> BuiltSite:
+    """The site, built once for this module (skipped where the docs tools are not installed)."""
+    missing = _docs_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    site = tmp_path_factory.mktemp("site") / "site"
     started = time.monotonic()
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about MkDocs 2
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"mkdocs build --strict failed:\n{log}"
-    warnings = [line for line in log.splitlines() if "WARNING" in line]
+    return BuiltSite(site, result.returncode, result.stdout + result.stderr, time.monotonic() - started)
+
+
+def _site(built_site: BuiltSite) -> Path:
+    if built_site.returncode != 0:
+        pytest.fail(f"mkdocs build --strict failed:\n{built_site.log}", pytrace=False)
+    return built_site.path
+
+
+def test_the_site_builds_strictly_without_warnings(built_site: BuiltSite) -> None:
+    assert built_site.returncode == 0, f"mkdocs build --strict failed:\n{built_site.log}"
+    warnings = [line for line in built_site.log.splitlines() if "WARNING" in line]
     assert not warnings, "\n".join(warnings)
-    assert (tmp_path / "site" / "index.html").is_file()
-    assert time.monotonic() - started < 300, "the docs build got slow; CI runs it on every push"
+    assert (built_site.path / "index.html").is_file()
+    assert built_site.seconds < 300, "the docs build got slow; CI runs it on every push"
+
+
+# -- the site works offline --------------------------------------------------------------
+
+#: ``<link rel=...>`` values that make a browser fetch the link's target.
+_FETCHING_RELS = {
+    "stylesheet", "preload", "modulepreload", "prefetch", "preconnect", "dns-prefetch",
+    "icon", "apple-touch-icon", "mask-icon", "manifest",
+}  # fmt: skip
+_REMOTE = re.compile(r"^\s*(?:[a-z][a-z0-9+.-]*:)?//", re.I)  # http://host, https://host, //host
+_CSS_REMOTE = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])\s*((?:[a-z][a-z0-9+.-]*:)?//[^'")\s]+)""", re.I)
+
+
+class _RemoteLoads(html.parser.HTMLParser):
+    """Collects the URLs on other hosts that an HTML page makes a browser load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        urls = []
+        if tag in ("script", "img", "iframe", "audio", "video", "source", "track", "embed", "input"):
+            urls.append(values.get("src", ""))
+        if tag in ("img", "source"):
+            urls += [
+                candidate.split()[0] for candidate in values.get("srcset", "").split(",") if candidate.strip()
+            ]
+        if tag == "link" and _FETCHING_RELS & set(values.get("rel", "").lower().split()):
+            urls.append(values.get("href", ""))
+        if tag == "object":
+            urls.append(values.get("data", ""))
+        if tag == "video":
+            urls.append(values.get("poster", ""))
+        self.found += [f"<{tag}> {url}" for url in urls if _REMOTE.match(url)]
+        self.found += [f"<{tag} style> {url}" for url in _CSS_REMOTE.findall(values.get("style", ""))]
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self.found += [f"<style> {url}" for url in _CSS_REMOTE.findall(data)]
+
+
+def test_no_page_loads_anything_from_another_host(built_site: BuiltSite) -> None:
+    """Scripts, stylesheets, fonts and images come with the site: it works without a network."""
+    site = _site(built_site)
+    problems = []
+    for page in sorted(site.rglob("*.html")):
+        parser = _RemoteLoads()
+        parser.feed(page.read_text(encoding="utf-8"))
+        problems += [f"{page.relative_to(site)}: {found}" for found in parser.found]
+    for sheet in sorted(site.rglob("*.css")):
+        for url in _CSS_REMOTE.findall(sheet.read_text(encoding="utf-8")):
+            problems.append(f"{sheet.relative_to(site)}: {url}")
+    assert not problems, "the site loads these from other hosts:\n" + "\n".join(problems)
+    loop = (site / "concepts" / "loop" / "index.html").read_text(encoding="utf-8")
+    assert "mermaid.min.js" in loop, "the loop page has a diagram but does not load the site's own Mermaid"
+
+
+def test_the_remote_load_check_finds_what_it_looks_for() -> None:
+    parser = _RemoteLoads()
+    parser.feed(
+        '<script src="https://cdn.example/x.js"></script><link rel="stylesheet" href="//fonts.example/f.css">'
+        '<link rel="canonical" href="https://docs.example/"><img src="../img/local.png">'
+        '<img srcset="a.png 1x, https://img.example/b.png 2x"><style>@import "https://x.example/y.css";</style>'
+        '<div style="background: url(http://bg.example/z.png)"></div><a href="https://pluggy.example/">pluggy</a>'
+    )
+    assert parser.found == [
+        "<script> https://cdn.example/x.js",
+        "<link> //fonts.example/f.css",
+        "<img> https://img.example/b.png",
+        "<style> https://x.example/y.css",
+        "<div style> http://bg.example/z.png",
+    ]
