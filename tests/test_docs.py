@@ -1,7 +1,7 @@
 """The documentation site keeps its promises: its Python runs, its lists match the code, it builds.
 
-Every fenced ``python`` block of every ``docs/**/*.md`` page runs here: the
-blocks of one page in order, in one namespace, in a temporary working
+Every fenced ``python`` block of every ``docs/**/*.md`` page, and of the
+README, runs here: the blocks of one page in order, in one namespace, in a temporary working
 directory, with entry-point plugins off (``DLTRAIN_DISABLE_PLUGIN_AUTOLOAD=1``)
 so what is installed does not change the examples. Directives in HTML comments,
 on their own line before a block:
@@ -38,6 +38,7 @@ import dltrain
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.md") if "_hooks" not in p.parts)
+README = ROOT / "README.md"
 
 #: The most blocks the site may leave untested. Raise it only with a reason.
 MAX_SKIPPED = 10
@@ -122,8 +123,8 @@ def parse_page(page: Path) -> tuple[list[Block], list[str]]:
     return blocks, problems
 
 
-PARSED = {page: parse_page(page) for page in PAGES}
-PYTHON_PAGES = [p for p in PAGES if any(b.language in ("python", "py") for b in PARSED[p][0])]
+PARSED = {page: parse_page(page) for page in [*PAGES, README]}
+PYTHON_PAGES = [p for p in PARSED if any(b.language in ("python", "py") for b in PARSED[p][0])]
 
 
 def _run_block(block: Block, namespace: dict[str, Any]) -> str:
@@ -162,7 +163,7 @@ def sandbox(monkeypatch: pytest.MonkeyPatch) -> Any:
             del sys.modules[name]
 
 
-@pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+@pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_page_examples_run(page: Path, sandbox: None) -> None:
     namespace: dict[str, Any] = {"__name__": "docs_example"}
     last_output: str | None = None
@@ -181,12 +182,12 @@ def test_page_examples_run(page: Path, sandbox: None) -> None:
 
 
 def test_directives_are_well_formed() -> None:
-    problems = [problem for page in PAGES for problem in PARSED[page][1]]
+    problems = [problem for page in PARSED for problem in PARSED[page][1]]
     assert not problems, "\n".join(problems)
 
 
 def test_few_examples_are_skipped_and_each_says_why() -> None:
-    skipped = [b for page in PAGES for b in PARSED[page][0] if b.skip_reason is not None]
+    skipped = [b for page in PARSED for b in PARSED[page][0] if b.skip_reason is not None]
     listing = "\n".join(f"  {b.where}: {b.skip_reason}" for b in skipped)
     assert len(skipped) <= MAX_SKIPPED, f"{len(skipped)} skipped blocks (at most {MAX_SKIPPED}):\n{listing}"
 
@@ -373,3 +374,54 @@ def test_the_remote_load_check_finds_what_it_looks_for() -> None:
         "<style> https://x.example/y.css",
         "<div style> http://bg.example/z.png",
     ]
+
+
+# -- the site, in a browser without a network -------------------------------------------
+
+#: The window width the layout is checked at: a laptop, with both of Material's sidebars shown.
+WIDTH = 1280
+
+
+@pytest.fixture(scope="module")
+def browser(built_site: BuiltSite) -> Any:
+    """A headless Chromium that resolves no host but 127.0.0.1, and the built site served there."""
+    from headless_chromium import Browser, find_chromium, serve
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no Chromium to look at the site with (apt-get install chromium, or set $CHROMIUM)")
+    site = _site(built_site)
+    with serve(site) as base_url, Browser(executable) as chromium:
+        yield chromium, base_url, site
+
+
+def _offsite(requests: list[str], base_url: str) -> list[str]:
+    return [url for url in requests if not url.startswith((base_url, "data:", "blob:", "about:"))]
+
+
+def test_the_loop_diagram_is_drawn_without_a_network(browser: Any) -> None:
+    chromium, base_url, site = browser
+    page = "concepts/loop/"
+    expected = (site / page / "index.html").read_text(encoding="utf-8").count('class="mermaid"')
+    assert expected >= 1, "the loop page has no diagram any more"
+    session = chromium.open(base_url + page, width=WIDTH)
+    drawings = chromium.diagrams(session, expected)
+    requests = chromium.requests(session)
+    chromium.close(session)
+    assert len(drawings) == expected, f"{len(drawings)} of {expected} diagrams drawn on /{page}"
+    assert "on_before_optimizer_step" in drawings[0], f"the diagram's text: {drawings[0]}"
+    assert not _offsite(requests, base_url), f"/{page} asked other hosts for {_offsite(requests, base_url)}"
+
+
+def test_every_page_fits_a_1280_pixel_window(browser: Any) -> None:
+    """No code line is cut off, no inline code breaks inside a word, no table needs a sideways scroll."""
+    from headless_chromium import measure_site
+
+    chromium, base_url, site = browser
+    problems = []
+    for page, found in measure_site(chromium, base_url, site, width=WIDTH).items():
+        problems += [f"/{page}: code line cut off: {line!r}" for line in found["cutLines"]]
+        problems += [f"/{page}: inline code split mid-word: {text!r}" for text in found["inlineMidWord"]]
+        problems += [f"/{page}: table wider than the page: {row!r}" for row in found["wideTables"]]
+        problems += [f"/{page}: loads {url}" for url in _offsite(found["requests"], base_url)]
+    assert not problems, f"at {WIDTH} px:\n" + "\n".join(problems)
