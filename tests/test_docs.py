@@ -235,6 +235,49 @@ def test_the_state_page_describes_every_field() -> None:
     assert not missing, f"State fields not described in concepts/state.md: {missing}"
 
 
+_NUMBER = r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|\d+)"
+_HOOK_COUNT = re.compile(rf"\b{_NUMBER}\s+(?:[\w-]+\s+)?\**(?:hooks|first[ -]result)\b", re.I)
+
+
+def test_no_page_states_a_hook_count_by_hand() -> None:
+    """Counts of hooks drift as hooks are added; pages ask the build for them instead."""
+    found = []
+    for page in PAGES:
+        prose = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        found += [f"{page.relative_to(ROOT)}: {m.group(0)!r}" for m in _HOOK_COUNT.finditer(prose)]
+    assert not found, (
+        "write <!-- dltrain: count GROUP --> and <!-- dltrain: list GROUP --> (docs/_hooks/tables.py) "
+        "instead of:\n" + "\n".join(found)
+    )
+
+
+def _tables_hook() -> Any:
+    if _docs_tools_missing():
+        pytest.skip(str(_docs_tools_missing()))
+    spec = importlib.util.spec_from_file_location("docs_tables_hook", DOCS / "_hooks" / "tables.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hook_groups_in_the_pages_come_from_the_hook_specifications() -> None:
+    from dltrain import hookspecs
+    from dltrain._plugin_manager import PER_PLUGIN_HOOKS, hookspecs_in_order
+
+    tables = _tables_hook()
+    first = [h for h in hookspecs_in_order() if getattr(hookspecs, h).dltrain_spec["firstresult"]]
+    page = "**First result wins** for <!-- dltrain: count firstresult --> hooks: <!-- dltrain: list firstresult -->."
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    count = words[len(first)] if len(first) < len(words) else str(len(first))
+    listed = ", ".join(f"`{h}`" for h in first[:-1]) + f" and `{first[-1]}`"
+    assert tables.on_page_markdown(page) == f"**First result wins** for {count} hooks: {listed}."
+    assert set(tables.hook_group("per-plugin")) == PER_PLUGIN_HOOKS
+    assert "training_step" in tables.hook_group("batch") and "on_fit_start" not in tables.hook_group("batch")
+    with pytest.raises(Exception, match="unknown directive"):
+        tables.on_page_markdown("<!-- dltrain: lsit batch -->")
+
+
 # -- the site builds ---------------------------------------------------------------------
 
 
