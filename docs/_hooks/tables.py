@@ -1,23 +1,43 @@
 """An MkDocs hook: tables generated from the code when the site is built, so they cannot drift.
 
-A page asks for one with an HTML comment on a line of its own:
+A page asks for a table or block with an HTML comment on a line of its own:
 
     <!-- dltrain: fields TrainerConfig -->        a table: field, type, default, meaning
     <!-- dltrain: json-schema TrainerConfig -->   the JSON schema, in a collapsed block
     <!-- dltrain: hooks -->                       every hook by phase: kind, when it is called
-    <!-- dltrain: hooks-of module:Class -->        the hooks a plugin class implements, with markers
 
-Config models come from ``dltrain.config``; hooks from ``dltrain.hookspecs``
-(its phase banners, its specification markers and the first line of each docstring).
+and for words inside a sentence with one anywhere in the text:
+
+    <!-- dltrain: hooks-of module:Class -->       the hooks a plugin class implements, with markers
+    <!-- dltrain: list GROUP -->                  the hooks of a group: `a`, `b` and `c`
+    <!-- dltrain: count GROUP -->                 how many hooks the group has ("seven")
+
+where GROUP is ``all``, ``firstresult`` (first result wins), ``per-plugin``
+(called on each plugin separately) or ``batch`` (the hooks under the batch
+phase's banner). Config models come from ``dltrain.config``; hooks from
+``dltrain.hookspecs`` (its phase banners, its specification markers and the
+first line of each docstring) and ``dltrain._plugin_manager``. A plugin class
+of one of this repository's plugin distributions is read from its source
+folder when the distribution is not installed.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import re
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-_DIRECTIVE = re.compile(r"^<!-- dltrain: (fields|json-schema|hooks|hooks-of) ?([\w.:]*) -->$", re.M)
+from mkdocs.exceptions import PluginError
+
+_DIRECTIVE = re.compile(r"^<!-- dltrain: (fields|json-schema|hooks) ?([\w.:]*) -->$", re.M)
+_INLINE = re.compile(r"<!-- dltrain: (hooks-of|list|count) ([\w.:-]+) -->")
+_PLUGIN_SOURCES = Path(__file__).resolve().parents[2] / "plugins"
+_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _BANNER = re.compile(r"^# -{20,}\n# (?P<title>.+)\n# -{20,}$", re.M)
 #: What the Trainer does with the results of the hooks that are neither "first wins" nor ignored.
 _RESULTS = {"compute_metrics": "merged", "state_dict": "kept per plugin"}
@@ -102,7 +122,12 @@ def hooks_table() -> str:
     import inspect
 
     from dltrain import hookspecs
+    from dltrain._plugin_manager import PER_PLUGIN_HOOKS
 
+    if not set(_RESULTS) <= PER_PLUGIN_HOOKS:
+        raise PluginError(
+            f"_RESULTS names hooks not called per plugin: {sorted(set(_RESULTS) - PER_PLUGIN_HOOKS)}"
+        )
     source = inspect.getsource(hookspecs)
     rows = ["| hook | results | summary |", "| --- | --- | --- |"]
     banners = list(_BANNER.finditer(source))
@@ -122,14 +147,27 @@ def hooks_table() -> str:
     return "\n".join(rows)
 
 
+def _import(module_name: str) -> ModuleType:
+    """The module; one of ``plugins/*/src/`` when it is not installed."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        for init in _PLUGIN_SOURCES.glob(f"*/src/{module_name}/__init__.py"):
+            spec = importlib.util.spec_from_file_location(module_name, init)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+            return module
+        raise
+
+
 def hooks_of(path: str) -> str:
     """``module:Class``'s hook implementations, in hook order, with their markers (wrapper, tryfirst...)."""
-    import importlib
-
     from dltrain._plugin_manager import hookspecs_in_order
 
     module_name, class_name = path.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = getattr(_import(module_name), class_name)
     parts = []
     for hook in hookspecs_in_order():
         options = getattr(getattr(cls, hook, None), "dltrain_impl", None)
@@ -137,7 +175,44 @@ def hooks_of(path: str) -> str:
             continue
         markers = [m for m in ("wrapper", "hookwrapper", "tryfirst", "trylast") if options.get(m)]
         parts.append(f"`{hook}`" + (f" ({', '.join(markers)})" if markers else ""))
-    return ", ".join(parts) + "."
+    return ", ".join(parts)
+
+
+def hook_group(group: str) -> list[str]:
+    """The hooks of ``group`` (see the module's docstring), in the order ``dltrain.hookspecs`` declares them."""
+    import inspect
+
+    from dltrain import hookspecs
+    from dltrain._plugin_manager import PER_PLUGIN_HOOKS, hookspecs_in_order
+
+    hooks = hookspecs_in_order()
+    if group == "all":
+        return hooks
+    if group == "firstresult":
+        return [h for h in hooks if getattr(hookspecs, h).dltrain_spec["firstresult"]]
+    if group == "per-plugin":
+        return [h for h in hooks if h in PER_PLUGIN_HOOKS]
+    if group == "batch":
+        source = inspect.getsource(hookspecs)
+        banners = list(_BANNER.finditer(source))
+        for i, banner in enumerate(banners):
+            if banner.group("title").startswith("Batches"):
+                end = banners[i + 1].start() if i + 1 < len(banners) else len(source)
+                return [spec.group("name") for spec in _SPEC.finditer(source, banner.end(), end)]
+        raise PluginError("dltrain.hookspecs has no 'Batches' banner any more")
+    raise PluginError(f"unknown hook group {group!r}; use all, firstresult, per-plugin or batch")
+
+
+def hook_list(group: str) -> str:
+    """The hooks of ``group`` as prose: `a`, `b` and `c`."""
+    names = [f"`{h}`" for h in hook_group(group)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def hook_count(group: str) -> str:
+    """How many hooks ``group`` has, in words up to ten."""
+    count = len(hook_group(group))
+    return _WORDS[count] if count < len(_WORDS) else str(count)
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:
@@ -147,8 +222,18 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
         kind, name = match.group(1), match.group(2)
         if kind == "hooks":
             return hooks_table()
-        if kind == "hooks-of":
-            return hooks_of(name)
         return fields_table(name) if kind == "fields" else json_schema_block(name)
 
-    return _DIRECTIVE.sub(render, markdown)
+    def render_inline(match: re.Match[str]) -> str:
+        kind, name = match.group(1), match.group(2)
+        if kind == "hooks-of":
+            return hooks_of(name)
+        return hook_list(name) if kind == "list" else hook_count(name)
+
+    page = kwargs.get("page")
+    result = _INLINE.sub(render_inline, _DIRECTIVE.sub(render, markdown))
+    left = re.search(r"<!-- dltrain:.*?-->", result)
+    if left:
+        where = page.file.src_uri if page is not None else "a page"
+        raise PluginError(f"{where}: unknown directive {left.group(0)!r}; see docs/_hooks/tables.py")
+    return result

@@ -3,8 +3,10 @@
 Layout: each checkpoint is two files side by side, ``step-000000120.ckpt``
 (the payload, written by ``torch.save``) and ``step-000000120.json`` (its
 manifest, the commit marker). The number is the global step, zero-padded to
-nine digits; a second checkpoint at the same step (a run restarted into the
-same directory) gets ``step-000000120-1``. Temporary files start with
+nine digits; a save whose name a checkpoint in the directory already has gets ``-1``
+(``-2``, ...) appended: an epoch-end save at the step of the step save it
+replaces (``step-000000120-1`` replaces ``step-000000120``), or a run started
+in a directory whose older checkpoints include that step. Temporary files start with
 ``.tmp-`` and are removed by the next save. Files that do not follow this
 pattern are never touched.
 
