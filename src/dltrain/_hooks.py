@@ -102,10 +102,10 @@ class Hooks:
         for name, caller in vars(relay).items():
             if name.startswith("_"):
                 continue
+            self._pluggy[name] = caller  # a monitor sees every call, to hooks nobody implements too
             impls = caller.get_hookimpls()
             if not impls:
                 continue
-            self._pluggy[name] = caller
             if caller.spec is not None and not any(impl.wrapper or impl.hookwrapper for impl in impls):
                 firstresult = bool(caller.spec.opts.get("firstresult"))
                 self._callers[name] = _direct(name, caller.spec.argnames, impls, firstresult=firstresult)
