@@ -306,10 +306,11 @@ def test_plain_hook_implementations_are_called_directly_with_pluggys_semantics()
     manager = trainer.plugin_manager
     trainer._hooks.refresh()
     relay = manager.hook
+    state = dltrain.State(run=dltrain.RunKind.FIT)
     for name, kwargs in [
-        ("on_train_epoch_start", {"trainer": trainer, "state": None}),
-        ("compute_metrics", {"trainer": trainer, "state": None}),
-        ("transfer_batch", {"trainer": trainer, "state": None, "batch": 1, "device": torch.device("cpu")}),
+        ("on_train_epoch_start", {"trainer": trainer, "state": state}),
+        ("compute_metrics", {"trainer": trainer, "state": state}),
+        ("transfer_batch", {"trainer": trainer, "state": state, "batch": 1, "device": torch.device("cpu")}),
     ]:
         seen.clear()
         caller = trainer._hooks.get(name)

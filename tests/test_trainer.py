@@ -609,3 +609,55 @@ def test_an_epoch_metric_reading_a_missing_value_names_those_there_are() -> None
 def test_a_metric_phase_that_does_not_exist_is_refused_at_once() -> None:
     with pytest.raises(dltrain.ConfigError, match=r"metric 'm': phase 'valid' is not one of"):
         make_trainer(metrics={"m": dltrain.Metric(lambda o, t: o.mean(), phases=("valid",))})
+
+
+def test_plugins_add_step_metrics_that_every_logger_receives() -> None:
+    seen: list[dict[str, float]] = []
+
+    class StepCounter:
+        def __init__(self) -> None:
+            self.count = torch.zeros(())
+
+        @hookimpl
+        def on_train_batch_end(self) -> None:
+            self.count += 1  # on the device, no sync
+
+        @hookimpl
+        def compute_step_metrics(self) -> dict[str, torch.Tensor]:
+            return {"batches_seen": self.count.clone()}
+
+    class Logger:
+        @hookimpl
+        def on_step_metrics(self, metrics: dict[str, float]) -> None:
+            seen.append(dict(metrics))
+
+    model = tiny_model()
+    make_trainer(max_steps=4, log_every_n_steps=2, plugins=[StepCounter(), Logger()]).fit(
+        model,
+        tiny_loader(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+    assert [m["batches_seen"] for m in seen] == [2.0, 4.0]
+    assert set(seen[0]) == {"train_loss", "lr", "batches_seen"}
+
+
+def test_a_step_metric_reported_twice_names_both_reporters() -> None:
+    class LR:
+        @hookimpl
+        def compute_step_metrics(self) -> dict[str, float]:
+            return {"lr": 1.0}
+
+    class Logger:
+        @hookimpl
+        def on_step_metrics(self) -> None:
+            pass
+
+    model = tiny_model()
+    with pytest.raises(dltrain.PluginError, match=r"'lr' is reported by two plugins, 'the Trainer' and 'LR'"):
+        make_trainer(max_steps=2, log_every_n_steps=1, plugins=[LR(), Logger()]).fit(
+            model,
+            tiny_loader(),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(),
+        )

@@ -250,9 +250,10 @@ class Driver:
                 windows.setdefault(f"train_{name}", RunningMean()).add(value)
 
     def _step_metrics(self) -> dict[str, float]:
-        """The metrics of ``on_step_metrics``: each loss's mean over the interval (one host sync
-        each), and the learning rate of the first parameter group of every optimizer."""
-        metrics: dict[str, float] = {}
+        """The metrics of ``on_step_metrics``: each loss's mean over the interval, the learning rate
+        of the first parameter group of every optimizer, and every plugin's ``compute_step_metrics``
+        (one host sync for each loss, one for all plugin tensors)."""
+        metrics: dict[str, Any] = {}
         for name, window in self.step_losses.items():
             mean = window.read()
             if mean is not None:
@@ -263,7 +264,7 @@ class Driver:
                 lr = float(lr)
             if isinstance(lr, (int, float)) and not isinstance(lr, bool):
                 metrics["lr" if len(self.optimizers or ()) == 1 else f"lr_{name}"] = float(lr)
-        return metrics
+        return self._merge("compute_step_metrics", metrics, prefix=None)
 
     def _step_epoch_schedulers(self) -> None:
         """Step every per-epoch scheduler; ReduceLROnPlateau gets its monitored metric."""
@@ -343,12 +344,25 @@ class Driver:
         """Merge every plugin's ``compute_metrics``, prefixed by phase, as floats (one sync); into state.metrics."""
         state = self.state
         prefix = state.phase.metric_prefix
-        merged: dict[str, Any] = {}
-        owner: dict[str, str] = {}
-        manager = self.trainer.plugin_manager
-        for plugin, result in manager.call_each("compute_metrics", trainer=self.trainer, state=state):
+        metrics = self._merge("compute_metrics", {}, prefix=prefix)
+        for name, (epoch_metric, phases) in self.trainer._epoch_metrics.items():  # from the exact values
+            if state.phase in phases:
+                metrics[f"{prefix}_{name}"] = epoch_metric.compute(name, prefix, metrics)
+        if state.phase is Phase.TRAIN and self.runner is not None and self.runner.guard.skips:
+            metrics["train_skipped_steps"] = float(state.skipped_steps)  # shown, so skips are seen
+        state.metrics.update(metrics)
+        return metrics
+
+    def _merge(self, hook: str, merged: dict[str, Any], prefix: str | None) -> dict[str, float]:
+        """Every plugin's result of ``hook`` (a mapping of names to values), each name prefixed with
+        ``prefix``, merged into ``merged``: a name reported twice is an error naming both reporters;
+        tensors are read with one device sync for all."""
+        owner: dict[str, str] = dict.fromkeys(merged, "the Trainer")
+        for plugin, result in self.trainer.plugin_manager.call_each(
+            hook, trainer=self.trainer, state=self.state
+        ):
             for key, value in (result or {}).items():
-                name = f"{prefix}_{key}"
+                name = f"{prefix}_{key}" if prefix else str(key)
                 if name in merged:
                     raise PluginError(
                         f"metric {name!r} is reported by two plugins, {owner[name]!r} and {plugin!r}; "
@@ -359,14 +373,7 @@ class Driver:
         if tensors:  # one device sync for all of them
             values = torch.stack([t.detach().reshape(()).to(torch.float64).cpu() for t in tensors.values()])
             merged.update(zip(tensors, values.tolist(), strict=True))
-        metrics = {k: float(v) for k, v in merged.items()}
-        for name, (epoch_metric, phases) in self.trainer._epoch_metrics.items():  # from the exact values
-            if state.phase in phases:
-                metrics[f"{prefix}_{name}"] = epoch_metric.compute(name, prefix, metrics)
-        if state.phase is Phase.TRAIN and self.runner is not None and self.runner.guard.skips:
-            metrics["train_skipped_steps"] = float(state.skipped_steps)  # shown, so skips are seen
-        state.metrics.update(metrics)
-        return metrics
+        return {k: float(v) for k, v in merged.items()}
 
 
 def _as_step_output(output: Any, batch: Any, *, manual: bool) -> StepOutput:

@@ -53,7 +53,14 @@ BUILTIN_PLUGINS: tuple[str, ...] = tuple(name for name, _ in _BUILTIN_FACTORIES)
 """Names of the built-in plugins, each of which ``disable_plugins`` can block."""
 
 PER_PLUGIN_HOOKS = frozenset(
-    {"compute_metrics", "state_dict", "load_state_dict", "on_exception", "on_teardown"}
+    {
+        "compute_metrics",
+        "compute_step_metrics",
+        "state_dict",
+        "load_state_dict",
+        "on_exception",
+        "on_teardown",
+    }
 )
 """Hooks the Trainer calls on each plugin separately (their results belong to one plugin), so wrappers cannot wrap them."""
 

@@ -14,24 +14,26 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ModelWrapValidatorHandler,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
-    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
 from dltrain.errors import ConfigError
+
+if TYPE_CHECKING:  # names of newer pydantic releases than the lowest this supports: for types only
+    from pydantic import ModelWrapValidatorHandler, ValidatorFunctionWrapHandler
+    from pydantic_core import InitErrorDetails
 
 __all__ = ["CheckpointConfig", "CompileOptions", "TrainerConfig", "load_config_file"]
 

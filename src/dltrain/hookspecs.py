@@ -29,7 +29,8 @@ test, and drawn on the docs site)::
                 on_before_optimizer_step
                 # optimizer.step(), zero_grad, its scheduler (per step)
             on_train_batch_end
-            on_step_metrics             # every log_every_n_steps optimizer steps
+            compute_step_metrics        # every log_every_n_steps optimizer steps, all merged
+            on_step_metrics             #   ... with the interval's metrics
             agree_on_stop               # after each optimizer step, not blocking
         compute_metrics                 # all results merged -> train_* metrics
         on_train_epoch_end              # reads the epoch's training metrics
@@ -415,6 +416,24 @@ def on_train_batch_end(trainer: Trainer, state: State, batch: Any, output: StepO
 
 
 @hookspec
+def compute_step_metrics(trainer: Trainer, state: State) -> Mapping[str, Any] | None:
+    """Report metrics of the last ``log_every_n_steps`` optimizer steps. **All results are merged.**
+
+    Called on each plugin separately every ``log_every_n_steps`` optimizer
+    steps during fit, right before :func:`on_step_metrics`, and only when some
+    plugin implements ``on_step_metrics`` (nobody logs: nobody is asked). The
+    producer side of step metrics: a learning-rate monitor, a gradient-norm
+    monitor. Keep values on the device between calls and return them here.
+
+    Returns:
+        A mapping of full metric names (``"lr_head"``, ``"grad_norm"``) to
+        scalar tensors or numbers, or None. Tensors of all plugins are read
+        with one device sync; the same name from two plugins is a
+        :class:`~dltrain.PluginError` naming both.
+    """
+
+
+@hookspec
 def on_step_metrics(trainer: Trainer, state: State, metrics: Mapping[str, float]) -> None:
     """Called every ``log_every_n_steps`` optimizer steps during fit, with that interval's metrics.
 
@@ -429,8 +448,11 @@ def on_step_metrics(trainer: Trainer, state: State, metrics: Mapping[str, float]
     Args:
         metrics: ``train_loss``: the mean loss of the micro-batches since the
             previous call (batches skipped by ``on_nonfinite="skip"`` left out;
-            absent when all were); ``lr``: the first parameter group's learning
-            rate (absent without a numeric one). Floats, in this process.
+            absent when all were), and ``train_<name>`` for each named loss of
+            a manual step; ``lr``: the first parameter group's learning rate
+            (``lr_<name>`` for each of several optimizers; absent without a
+            numeric one); and what :func:`compute_step_metrics` returned.
+            Floats, in this process.
     """
 
 
