@@ -255,6 +255,13 @@ class TrainerConfig(_Strict):
         default=None, description="Checkpointing settings; None turns checkpointing off."
     )
 
+    preemption_signals: tuple[str, ...] = Field(
+        default=("SIGTERM",),
+        description="Signals that mean 'this job is being preempted': each stops the fit cleanly at the "
+        "next step, saves a checkpoint, and exits with status 128 + its number (143 for SIGTERM). Add "
+        "'SIGUSR1' for SLURM's --signal=USR1@90; () leaves every signal but Ctrl-C to its default.",
+    )
+
     # --- plugins --------------------------------------------------------------
     disable_plugins: tuple[str, ...] = Field(
         default=(), description="Names of plugins not to register, built-ins included."
@@ -272,6 +279,30 @@ class TrainerConfig(_Strict):
                 f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N' (N a number), 'mps'"
             )
         return value
+
+    @field_validator("preemption_signals")
+    @classmethod
+    def _check_signals(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import signal
+
+        names: list[str] = []
+        for given in value:
+            name = given.strip().upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            if name in ("SIGINT", "SIGKILL", "SIGSTOP"):
+                why = (
+                    "Ctrl-C has its own handling (stop, save, KeyboardInterrupt)"
+                    if name == "SIGINT"
+                    else "it cannot be handled"
+                )
+                raise ValueError(f"preemption_signals cannot hold {given!r}: {why}")
+            if name not in signal.Signals.__members__:
+                choices = ", ".join(
+                    n for n in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP") if n in signal.Signals.__members__
+                )
+                raise ValueError(f"{given!r} is not a signal of this platform; use a name such as {choices}")
+            names.append(name)
+        return tuple(dict.fromkeys(names))
 
     @field_validator("compile", mode="wrap")
     @classmethod

@@ -18,6 +18,7 @@ data:
   train: {class_path: my_project.data:train_loader, init_args: {batch_size: 64}}
   val: {class_path: my_project.data:val_loader}      # optional
   test: {class_path: my_project.data:test_loader}    # optional, run after fit
+resume: auto                             # optional: continue from trainer.checkpoint.dir's newest
 ```
 
 Every value is validated by pydantic, and every error names the key it is
@@ -106,6 +107,12 @@ class RunConfig(_Strict):
         default=None, description="An LR scheduler class, called with the optimizer first."
     )
     data: DataSpec = Field(description="The data factories.")
+    resume: str | None = Field(
+        default=None,
+        description="Continue from a checkpoint of trainer.checkpoint.dir: 'auto' (the newest when there "
+        "is one, else start fresh: the same command for every run of a requeued job), 'last', 'best', "
+        "or a checkpoint's path.",
+    )
 
 
 # ---------------------------------------------------------------------------
