@@ -6,6 +6,8 @@
   uninterrupted job, bit for bit.
 - Two torchrun agents as two nodes of one process each, meeting through c10d
   rendezvous, train exactly as one node with two processes.
+- A checkpoint saved by hand from a hook (``trainer.state_dict()`` on every
+  rank, a collective; ``save_checkpoint`` on rank 0) resumes exactly.
 
 The jobs are ``tests/_dist_scripts/elastic_runs.py``.
 """
@@ -85,7 +87,7 @@ def test_a_killed_worker_is_restarted_and_the_group_resumes_by_itself(tmp_path: 
         _same(rank["weights"], reference["weights"])
 
 
-def test_two_nodes_of_one_process_train_like_one_node_of_two(tmp_path: Path) -> None:
+def test_two_nodes_of_one_process_train_like_one_node_of_two_and_save_by_hand(tmp_path: Path) -> None:
     one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
     one_node.mkdir()
     two_nodes.mkdir()
@@ -137,3 +139,4 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(tmp_path: Path) -> 
     for result in (*nodes, *reference):
         assert result["world"][0] == 2
         _same(result["weights"], reference[0]["weights"])
+        _same(result["resumed"], reference[0]["weights"])  # from the checkpoint saved by hand at step 3

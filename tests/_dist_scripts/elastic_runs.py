@@ -7,7 +7,10 @@ samples, a shuffling DataLoader (the ``distributed`` plugin gives each rank a
 Scenarios (``--scenario``):
 
 * ``plain``: the job once; each rank writes ``rank<N>.pt`` (weights, world, and
-  its node and local rank as torchrun numbered them).
+  its node and local rank as torchrun numbered them). A plugin saves a
+  checkpoint by hand at step 3, as the checkpoint guide shows: every rank calls
+  ``trainer.state_dict()`` (a collective), rank 0 writes it. The job is then run
+  again from that checkpoint (``resumed``: its weights).
 * ``restart``: the job as a preemptible one, run under ``torchrun
   --max-restarts=1``: a checkpoint every 2 steps, ``resume="auto"``, and on the
   first attempt (``TORCHELASTIC_RESTART_COUNT=0``) rank ``--kill-rank`` kills
@@ -32,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dltrain
+from dltrain.checkpoint import list_checkpoints, save_checkpoint
 
 N_TRAIN, BATCH = 96, 8  # per rank with 2 processes: 6 batches an epoch
 
@@ -61,6 +65,22 @@ class KillAt:
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if first_attempt and state.rank == self.rank and state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveByHand:
+    """At the end of step ``step``: ``trainer.state_dict()`` on every rank, ``save_checkpoint`` on rank 0."""
+
+    name = "save_by_hand"
+
+    def __init__(self, directory: Path, step: int) -> None:
+        self.directory, self.step = directory, step
+
+    @dltrain.hookimpl
+    def on_train_batch_end(self, trainer: dltrain.Trainer, state: dltrain.State) -> None:
+        if state.global_step == self.step:
+            payload = trainer.state_dict()  # every rank: the metrics plugin all-reduces in it
+            if state.is_global_zero:
+                save_checkpoint(payload, self.directory)
 
 
 class Steps:
@@ -117,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     if args.scenario == "plain":
-        torch.save(fit(), args.out / f"rank{rank}.pt")
+        by_hand = args.out / "by_hand"
+        result = fit(SaveByHand(by_hand, 3))
+        (checkpoint,) = list_checkpoints(by_hand)
+        result["resumed"] = fit(resume=str(checkpoint.payload_path))["weights"]
+        torch.save(result, args.out / f"rank{rank}.pt")
         return 0
     reference = args.out / f"reference{rank}.pt"
     if not reference.exists():
