@@ -57,3 +57,16 @@ def test_mnist_benchmark_reports_speedup_ratio_and_accuracy() -> None:
 def test_import_time_benchmark_reports_the_overhead() -> None:
     _, values = _run("import_time.py")
     assert set(values) == {"import_overhead_s"} and math.isfinite(values["import_overhead_s"])
+
+
+def test_resume_benchmark_reports_fast_forward_against_replay() -> None:
+    out, values = _run("resume.py")
+    assert set(values) == {
+        "resume_10_s",
+        "resume_90_s",
+        "replay_90_s",
+        "ratio_90_vs_replay",
+        "ratio_90_vs_plain",
+    }
+    assert all(v > 0 and math.isfinite(v) for v in values.values())
+    assert "DataLoader (fast-forward)" in out and "any iterable (replay)" in out
