@@ -116,7 +116,11 @@ def objective(trial: optuna.Trial, args: argparse.Namespace, split: Split) -> fl
         plugins=[pruning],
     )
     history = trainer.fit(
-        model, train, optimizer=torch.optim.SGD(model.parameters(), lr=lr), loss_fn=nn.CrossEntropyLoss(), val_data=val
+        model,
+        train,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        loss_fn=nn.CrossEntropyLoss(),
+        val_data=val,
     )
     if "val_accuracy" in history:
         trial.set_user_attr("val_accuracy", history["val_accuracy"][-1])
@@ -197,7 +201,9 @@ def build_tune_parser() -> argparse.ArgumentParser:
         "--val-samples", type=_positive_int, default=10_000, help="validate on the last N training images"
     )
     search = parser.add_argument_group("search")
-    search.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study should have")
+    search.add_argument(
+        "--trials", type=_positive_int, default=20, help="finished trials the study should have"
+    )
     search.add_argument("--epochs", type=_positive_int, default=3, help="epochs per trial")
     search.add_argument(
         "--activation",
@@ -211,7 +217,9 @@ def build_tune_parser() -> argparse.ArgumentParser:
         default=5,
         help="trials that finish before the pruner prunes any",
     )
-    search.add_argument("--seed", type=int, default=0, help="seeds the sampler, the weights and the shuffling")
+    search.add_argument(
+        "--seed", type=int, default=0, help="seeds the sampler, the weights and the shuffling"
+    )
     search.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N, mps")
     study = parser.add_argument_group("study")
     study.add_argument(

@@ -13,6 +13,7 @@ raised.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -67,10 +68,8 @@ def main() -> None:
         study.optimize(lambda trial: objective(trial, result), n_trials=1)
         result["trial_state"] = study.trials[0].state.name
     else:
-        try:
+        with contextlib.suppress(optuna.TrialPruned):  # as study.optimize records a pruned trial
             objective(None, result)
-        except optuna.TrialPruned:
-            pass
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 

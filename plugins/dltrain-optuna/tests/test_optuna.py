@@ -32,7 +32,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def fit(plugin: OptunaPruning, max_epochs: int = 4, val: bool = True) -> tuple[dltrain.Trainer, dltrain.History]:
+def fit(
+    plugin: OptunaPruning, max_epochs: int = 4, val: bool = True
+) -> tuple[dltrain.Trainer, dltrain.History]:
     model = tiny_model()
     trainer = dltrain.Trainer(
         max_epochs=max_epochs, device="cpu", progress="off", run_dir=None, plugins=[plugin]
@@ -126,7 +128,9 @@ def test_it_is_listed_among_the_trainers_plugins_from_plain_keyword_arguments() 
     info = {p.name: p for p in trainer.plugin_manager.plugins()}["pruning"]
     assert info.source == "user" and info.origin == "dltrain_optuna.OptunaPruning"
     assert {"on_fit_start", "on_eval_epoch_end", "on_fit_end"} <= set(info.hooks)
-    assert "pruning" in next(line for line in trainer.explain_hooks().splitlines() if "on_eval_epoch_end" in line)
+    assert "pruning" in next(
+        line for line in trainer.explain_hooks().splitlines() if "on_eval_epoch_end" in line
+    )
 
 
 # -- under torchrun ----------------------------------------------------------------------
