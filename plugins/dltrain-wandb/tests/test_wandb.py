@@ -240,6 +240,8 @@ def test_wandb_settings_in_the_environment_turn_the_installed_plugin_on_or_off(
             assert trainer.get_plugin("wandb").run_id is None
     trainer = make_trainer(max_epochs=1, disable_plugins=["wandb"])
     assert trainer.get_plugin("wandb") is None
+    mine = WandbPlugin(enabled=False)  # your instance, named "wandb", replaces the installed one
+    assert make_trainer(plugins=[mine]).get_plugin("wandb") is mine
     assert len(run_folders(tmp_path)) == 1
 
 
