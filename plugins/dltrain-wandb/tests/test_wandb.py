@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JOB_TIMEOUT_S = 180
+FLUSH_TIMEOUT_S = 30
 WANDB_ENV = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_DISABLED", "WANDB_ENTITY", "WANDB_RUN_ID")
 
 
@@ -65,6 +67,8 @@ def records(path: Path) -> list[Any]:
             continue
         _, length, kind = _HEADER.unpack_from(data, pos)
         pos += _HEADER.size
+        if pos + length > len(data):  # still being written
+            break
         chunk, pos = data[pos : pos + length], pos + length
         if kind == 0:
             continue
@@ -97,10 +101,20 @@ class OfflineRun:
     exit_code: int | None = None
 
 
+def finished_records(log: Path) -> list[Any]:
+    """The records of a finished run: wandb-core may still be writing them when ``finish()`` returns."""
+    deadline = time.monotonic() + FLUSH_TIMEOUT_S
+    while True:
+        found = records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def read_run(folder: Path) -> OfflineRun:
     (log,) = folder.glob("run-*.wandb")
     run = OfflineRun()
-    for record in records(log):
+    for record in finished_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
