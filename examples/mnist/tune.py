@@ -160,9 +160,11 @@ def run(args: argparse.Namespace) -> optuna.Study:
         storage=args.storage,
         load_if_exists=True,
         direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=args.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=args.startup_trials, n_warmup_steps=0),
     )
+    # Seeded, and differently when continuing a stored study: the same seed again would
+    # draw the first trials' parameters again.
+    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
     finished = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     done = len(study.get_trials(deepcopy=False, states=finished))
     todo = max(0, args.trials - done)

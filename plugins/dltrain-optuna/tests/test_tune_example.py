@@ -83,7 +83,9 @@ def test_a_study_prunes_the_worse_trials_prints_the_best_and_continues_where_it_
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "study 'small': 6 trials finished before; running 1 more"
     assert out[1].startswith("trial 6: ")
-    assert len(optuna.load_study(study_name="small", storage=storage).trials) == 7
+    trials = optuna.load_study(study_name="small", storage=storage).trials
+    assert len(trials) == 7
+    assert trials[6].params != trials[0].params  # the continued search draws new points
 
 
 def test_missing_data_exits_2_with_the_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
