@@ -57,3 +57,19 @@ def test_mnist_benchmark_reports_speedup_ratio_and_accuracy() -> None:
 def test_import_time_benchmark_reports_the_overhead() -> None:
     _, values = _run("import_time.py")
     assert set(values) == {"import_overhead_s"} and math.isfinite(values["import_overhead_s"])
+
+
+def test_ddp_benchmark_runs_under_torchrun_and_reports_the_ratio() -> None:
+    out, values = _run("ddp.py")
+    assert set(values) == {"ddp_overhead_ratio"} and values["ddp_overhead_ratio"] > 0
+    assert "plain DDP loop" in out and "processes: 2 (torchrun, gloo" in out
+
+
+def test_instruction_benchmark_runs_its_variants() -> None:
+    """The counting itself needs valgrind and minutes; here each variant's body runs once."""
+    for variant in ("plain", "dltrain", "bare", "manual"):
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "instructions.py"), "--run", variant, "--steps", "2"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr

@@ -283,23 +283,14 @@ class WandbPlugin:
             values = {"train_loss_step" if k == "train_loss" else k: v for k, v in metrics.items()}
             self._run.log(values, step=state.global_step)
 
-    def _log_epoch_row(self, trainer: Trainer, state: State) -> None:
-        row = trainer.history.last()
-        if row.get("epoch") == state.epoch + 1:  # the row of this epoch is recorded: it is complete
-            self._run.log(row, step=state.global_step)
-
     @dltrain.hookimpl
-    def on_train_epoch_end(self, trainer: Trainer, state: State) -> None:
-        """Log the epoch's row when no validation follows this epoch (else after it)."""
+    def on_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
+        """Log the finished epoch's row: its training and validation metrics."""
         if self._run is not None:
-            self._log_epoch_row(trainer, state)
+            self._run.log({"epoch": state.epoch + 1, **metrics}, step=state.global_step)
 
     @dltrain.hookimpl
-    def on_eval_epoch_end(self, trainer: Trainer, state: State, metrics: Mapping[str, float]) -> None:
-        """In fit: log the epoch's row with its validation metrics. Else: the metrics, in the summary."""
-        if self._run is None:
-            return
-        if state.run is RunKind.FIT:
-            self._log_epoch_row(trainer, state)
-        elif metrics:
+    def on_eval_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
+        """A standalone validate or test: its metrics, in the summary (a fit's are in its epoch rows)."""
+        if self._run is not None and state.run is not RunKind.FIT and metrics:
             self._run.summary.update(dict(metrics))
