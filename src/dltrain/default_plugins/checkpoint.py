@@ -1,4 +1,4 @@
-"""Built-in plugin ``checkpoint``: when to save, what to keep.
+"""Built-in plugin ``checkpoint``: when to save, what to keep, and saving without stalling.
 
 Registered only when ``TrainerConfig.checkpoint`` is set. It decides *when*
 (the policy below) and hands ``trainer.state_dict()`` to
@@ -6,6 +6,21 @@ Registered only when ``TrainerConfig.checkpoint`` is set. It decides *when*
 applies retention. It uses public hooks only, each as a wrapper
 (``wrapper=True``) so a save happens after every other plugin has seen the
 batch or epoch: the saved plugin states include that batch.
+
+The directory (on rank 0, during fit): ``on_setup`` creates it and checks
+that it is a writable directory, takes its lock (one run per directory, see
+:class:`~dltrain.checkpoint.DirectoryLock`) and removes what crashed runs
+left there; ``on_teardown`` releases the lock, also after an exception.
+
+How it saves (``async_save``, the default): the payload is copied to CPU
+memory (buffers reused between saves) and training goes on while a
+background thread writes, fsyncs, hashes and commits it, then deletes what
+retention drops. At most one save is in flight; a save that comes while the
+previous one is still writing waits for it (:attr:`CheckpointPlugin.timing`
+counts the wait). A background failure is raised as a
+:class:`~dltrain.CheckpointError` at the next training batch. The end of fit
+(the final save is written directly), an exception, Ctrl-C and SIGTERM wait
+for the save in flight to commit first.
 
 When it saves (on rank 0 only):
 
@@ -26,7 +41,11 @@ checkpoints stay.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +54,11 @@ import torch
 from dltrain._markers import hookimpl
 from dltrain._nonfinite import finite_flags
 from dltrain._warnings import warn
-from dltrain.checkpoint import CheckpointInfo, list_checkpoints, next_name, save_checkpoint
-from dltrain.checkpoint._io import finite_or_none
+from dltrain.checkpoint import CheckpointInfo, DirectoryLock, list_checkpoints, next_name, save_checkpoint
+from dltrain.checkpoint._async import BackgroundSave, Snapshot
+from dltrain.checkpoint._directory import prepare_directory
+from dltrain.checkpoint._io import check_plain, finite_or_none
+from dltrain.checkpoint._store import clean_stale
 from dltrain.errors import CheckpointError
 from dltrain.state import Phase, RunKind
 
@@ -45,7 +67,47 @@ if TYPE_CHECKING:
     from dltrain.state import State
     from dltrain.trainer import Trainer
 
-__all__ = ["CheckpointPlugin", "make_plugin"]
+__all__ = ["CheckpointPlugin", "SaveTiming", "make_plugin"]
+
+_log = logging.getLogger("dltrain.checkpoint")
+
+#: A wait for the previous save longer than this (seconds) is worth a warning (once per fit).
+_SLOW_WAIT_S = 0.5
+
+
+@dataclass
+class SaveTiming:
+    """How much the saves of the current (or last) fit held up training, on rank 0.
+
+    Attributes:
+        saves: Checkpoints committed.
+        blocked_s: Seconds the training thread spent in saves: taking the
+            snapshot and waiting for the previous save (asynchronous), or the
+            whole write (synchronous, and the final save of a fit).
+        waited_s: The part of ``blocked_s`` spent waiting for a background save
+            to finish (the previous one, or the one in flight when fit ended).
+        last_blocked_s: ``blocked_s`` of the latest save.
+        last_waited_s: ``waited_s`` before the latest save.
+        last_write_s: Seconds the latest background save took to write and commit.
+    """
+
+    saves: int = 0
+    blocked_s: float = 0.0
+    waited_s: float = 0.0
+    last_blocked_s: float = 0.0
+    last_waited_s: float = 0.0
+    last_write_s: float = 0.0
+
+
+@dataclass
+class _InFlight:
+    """A background save and what to undo if it fails."""
+
+    job: BackgroundSave[CheckpointInfo]
+    name: str
+    step: int
+    previous_best: list[dict[str, Any]]
+    previous_last: dict[str, Any] | None
 
 
 class CheckpointPlugin:
@@ -55,6 +117,9 @@ class CheckpointPlugin:
         best: The best checkpoints so far by ``monitor``, best first, as
             ``{"name", "step", "score"}`` dicts (at most ``keep_best``).
         last: The newest checkpoint this plugin saved, as ``{"name", "step"}``, or None.
+            With asynchronous saves it names the latest save started, which
+            may still be writing.
+        timing: How long saves held up training (a :class:`SaveTiming`).
     """
 
     name = "checkpoint"
@@ -69,6 +134,10 @@ class CheckpointPlugin:
         self._val_every = config.val_every_n_epochs
         self.best: list[dict[str, Any]] = []
         self.last: dict[str, Any] | None = None
+        self.timing = SaveTiming()
+        self._lock: DirectoryLock | None = None
+        self._snapshot: Snapshot | None = None
+        self._in_flight: _InFlight | None = None
         self._reset_run()
 
     @property
@@ -92,15 +161,34 @@ class CheckpointPlugin:
         self._seen_step = 0
         self._dirty = False
         self._pending_epoch = False
+        self._warned_wait = False
 
     # -- run bookkeeping ------------------------------------------------------
 
     @hookimpl
     def on_setup(self, state: State) -> None:
-        """Start a run: a fresh fit forgets the previous fit's best and last."""
+        """Start a run; for a fit on rank 0, make the directory ready before the first step.
+
+        A fresh fit forgets the previous fit's best and last. Then the
+        directory is created if missing and checked (a writable directory),
+        locked for this run, and cleared of what crashed runs left (their
+        temporary files and uncommitted payloads).
+
+        Raises:
+            CheckpointError: The directory cannot hold checkpoints, or another
+                run holds its lock (the message names it).
+        """
         self._reset_run()
-        if state.run is RunKind.FIT:
-            self.best, self.last = [], None
+        if state.run is not RunKind.FIT:
+            return
+        self.best, self.last = [], None
+        self.timing = SaveTiming()
+        if state.is_global_zero:
+            prepare_directory(self._cfg.dir)
+            lock = DirectoryLock(self._cfg.dir)
+            lock.acquire()
+            self._lock = lock
+            clean_stale(self._cfg.dir, grace=0.0)  # we hold the lock: nobody else writes here
 
     @hookimpl
     def prepare_data(self, state: State, phase: Phase) -> None:
@@ -127,8 +215,14 @@ class CheckpointPlugin:
 
     @hookimpl(wrapper=True)
     def on_train_batch_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """After all other plugins saw the batch: save when a step completed a multiple of N."""
+        """After all other plugins saw the batch: save when a step completed a multiple of N.
+
+        Raises:
+            CheckpointError: The previous background save failed.
+        """
         result = yield
+        if self._in_flight is not None and self._in_flight.job.done:
+            self._collect()  # raises a background failure here, at the next step
         self._dirty = True
         stepped = state.global_step > self._seen_step
         self._seen_step = state.global_step
@@ -163,17 +257,34 @@ class CheckpointPlugin:
 
     @hookimpl(wrapper=True)
     def on_fit_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
-        """Save the final state, unless the last save already holds it."""
+        """Save the final state, unless the last save already holds it; return once it is committed.
+
+        A background save still in flight is waited for first. This runs
+        inside the ``signals`` plugin's wrapper, so a fit stopped by SIGTERM or
+        Ctrl-C exits only after its checkpoints are on disk.
+        """
         result = yield
+        self._collect()
         if self._dirty and (self._cfg.save_on_fit_end or self._pending_epoch):
-            self._save(trainer, state, "fit_end")
+            self._save(trainer, state, "fit_end", background=False)
         self._fitting = False
         return result
 
     @hookimpl
+    def on_exception(self) -> None:
+        """A run is ending with an error: let the save in flight commit (its own error is a warning)."""
+        self._collect(raise_error=False)
+
+    @hookimpl
     def on_teardown(self) -> None:
-        """End of any run (also after an exception)."""
+        """End of any run (also after an exception): wait for the save in flight, release the lock."""
         self._fitting = False
+        try:
+            self._collect(raise_error=False)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _validates_now(self, state: State) -> bool:
         # The Trainer's rule (TrainerConfig.val_every_n_epochs): every N epochs and
@@ -185,7 +296,7 @@ class CheckpointPlugin:
 
     # -- saving -------------------------------------------------------------------
 
-    def _save(self, trainer: Trainer, state: State, trigger: str) -> None:
+    def _save(self, trainer: Trainer, state: State, trigger: str, *, background: bool = True) -> None:
         self._pending_epoch = False
         # Checked on every rank (the replicas hold the same weights), so all ranks agree
         # on whether this save happens.
@@ -204,6 +315,11 @@ class CheckpointPlugin:
             # gather its state across ranks (the metrics plugin does), a collective all must join.
             trainer.state_dict()
             return
+        start = time.perf_counter()
+        previous = self._in_flight
+        waited = self._collect()  # at most one save in flight; its failure is raised here
+        if previous is not None and waited >= _SLOW_WAIT_S:
+            self._warn_slow(previous, waited)
         cfg, step = self._cfg, state.global_step
         metrics = dict(state.metrics)
         score = finite_or_none(metrics.get(cfg.monitor)) if cfg.monitor else None
@@ -218,31 +334,103 @@ class CheckpointPlugin:
             ranked.append({"name": name, "step": step, "score": score})
             ranked.sort(key=lambda b: b["score"] if cfg.mode == "min" else -b["score"])
             self.best = ranked[: cfg.keep_best]
+        write = partial(
+            save_checkpoint,
+            directory=cfg.dir,
+            metrics=metrics,
+            monitor=cfg.monitor,
+            mode=cfg.mode,
+            trigger=trigger,
+            keep_last=cfg.keep_last,
+            keep_best=cfg.keep_best,
+            supersedes=supersedes,
+            name=name,
+        )
         try:
-            info = save_checkpoint(
-                trainer.state_dict(),
-                cfg.dir,
-                metrics=metrics,
-                monitor=cfg.monitor,
-                mode=cfg.mode,
-                trigger=trigger,
-                keep_last=cfg.keep_last,
-                keep_best=cfg.keep_best,
-                supersedes=supersedes,
-                name=name,
-            )
-        except BaseException as exc:
+            payload = trainer.state_dict()
+            if background and cfg.async_save:
+                check_plain(payload)  # here, where a bad plugin state is the caller's bug
+                snapshot = self._snapshot = self._snapshot or Snapshot()
+                copy, events = snapshot.take(payload)
+                del payload  # the live tensors; the worker gets the copy
+                job: BackgroundSave[CheckpointInfo] = BackgroundSave(
+                    partial(write, copy), events=events, name=f"checkpoint-{name}"
+                )
+                job.start()
+                self._in_flight = _InFlight(job, name, step, previous_best, previous_last)
+            else:
+                self._after_save(write(payload), name)
+            self._dirty = False
+        except BaseException:
             self.best, self.last = previous_best, previous_last
-            if isinstance(exc, OSError):
-                raise CheckpointError(
-                    f"could not write a checkpoint to {str(cfg.dir)!r} at global step {step}: {exc}; "
-                    f"free disk space or fix the directory's permissions (earlier checkpoints are intact)"
-                ) from exc
             raise
-        self._after_save(info, name)
+        finally:
+            self._account(time.perf_counter() - start, waited)
+
+    def _collect(self, *, raise_error: bool = True) -> float:
+        """Wait for the save in flight, if any, and settle it.
+
+        Returns:
+            The seconds waited.
+
+        Raises:
+            CheckpointError: That save failed (unless ``raise_error`` is False:
+                then it is a warning).
+        """
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return 0.0
+        waited = flight.job.wait()
+        self.timing.last_write_s = flight.job.seconds
+        if waited:
+            self.timing.waited_s += waited
+            self.timing.blocked_s += waited
+        error = flight.job.error
+        if error is None:
+            assert flight.job.result is not None
+            self._after_save(flight.job.result, flight.name)
+            _log.info(
+                "checkpoint %s committed: written in the background in %.3f s",
+                flight.job.result.name,
+                flight.job.seconds,
+            )
+            return waited
+        self.best, self.last = flight.previous_best, flight.previous_last
+        message = (
+            f"{error} (this checkpoint, of global step {flight.step}, was being written in the background; "
+            f"training stopped at the next step)"
+        )
+        if not raise_error:
+            warn(message)
+            return waited
+        if isinstance(error, CheckpointError):
+            raise CheckpointError(message) from (error.__cause__ or error)
+        if isinstance(error, Exception):
+            raise CheckpointError(
+                f"could not write checkpoint {flight.name!r} to {str(self._cfg.dir)!r} at global step "
+                f"{flight.step}: {error!r} (in the background; training stopped at the next step)"
+            ) from error
+        raise error
+
+    def _account(self, blocked: float, waited: float) -> None:
+        # ``waited`` was already added to the totals by _collect.
+        self.timing.last_blocked_s = blocked
+        self.timing.last_waited_s = waited
+        self.timing.blocked_s += blocked - waited
+
+    def _warn_slow(self, flight: _InFlight, waited: float) -> None:
+        if self._warned_wait:
+            return
+        self._warned_wait = True
+        warn(
+            f"training waited {waited:.1f} s for checkpoint {flight.name!r} (global step {flight.step}) to "
+            f"finish writing in the background (it took {flight.job.seconds:.1f} s): saves come faster "
+            f"than {str(self._cfg.dir)!r} takes them. Save less often (checkpoint.every_n_steps) or "
+            f"write to a faster disk"
+        )
 
     def _after_save(self, info: CheckpointInfo, planned: str) -> None:
-        self._dirty = False
+        self.timing.saves += 1
         if info.name != planned:  # pragma: no cover - another writer took the name
             self.last = {"name": info.name, "step": info.global_step}
             for entry in self.best:
@@ -253,7 +441,13 @@ class CheckpointPlugin:
 
     @hookimpl
     def state_dict(self) -> dict[str, Any]:
-        """The best list and the last save, as plain data."""
+        """The best list and the last save, as plain data.
+
+        A background save still in flight is waited for first (and its failure
+        raised), so a payload built now, as ``trainer.state_dict()`` for a save
+        by hand into the same directory, is saved after it, under its own name.
+        """
+        self._collect()
         return {"best": [dict(b) for b in self.best], "last": dict(self.last) if self.last else None}
 
     @hookimpl
