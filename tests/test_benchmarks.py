@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def _run(script: str, *args: str) -> tuple[str, dict[str, float]]:
     """Run a benchmark with ``--quick``; its output and the values of its RESULT line."""
     data_dir = os.environ.get("DLTRAIN_MNIST_DIR")
-    extra = ["--data-dir", data_dir] if data_dir and script != "import_time.py" else []
+    extra = ["--data-dir", data_dir] if data_dir and script in ("overhead.py", "mnist.py") else []
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", *extra, *args],
         capture_output=True,
@@ -57,3 +57,10 @@ def test_mnist_benchmark_reports_speedup_ratio_and_accuracy() -> None:
 def test_import_time_benchmark_reports_the_overhead() -> None:
     _, values = _run("import_time.py")
     assert set(values) == {"import_overhead_s"} and math.isfinite(values["import_overhead_s"])
+
+
+def test_checkpoint_benchmark_reports_the_stall_and_memory_ratios() -> None:
+    out, values = _run("checkpoint.py")
+    assert set(values) == {"stall_ratio", "memory_ratio"}
+    assert all(v > 0 and math.isfinite(v) for v in values.values())
+    assert "bare torch.save s" in out and "verify s (read+sha256)" in out

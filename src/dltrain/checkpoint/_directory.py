@@ -22,10 +22,12 @@ __all__ = [
     "STALE_AFTER_S",
     "TMP_PREFIX",
     "host_name",
+    "check_directory",
     "is_stale_tmp",
-    "prepare_directory",
+    "make_directory",
     "tmp_name",
     "tmp_owner",
+    "untouched_for",
     "write_error",
 ]
 
@@ -167,29 +169,69 @@ def write_error(
 # ---------------------------------------------------------------------------
 
 
-def prepare_directory(directory: Path) -> None:
-    """Create ``directory`` if needed and check that checkpoints can be written there.
+def _unusable(directory: Path, exc: OSError) -> CheckpointError:
+    cause, fix = explain(exc)
+    return CheckpointError(
+        f"checkpoint.dir {str(directory)!r} cannot hold checkpoints: {cause} ({exc}). To fix it, "
+        f"{fix}. (Checked before the first training step, so no work was lost.)"
+    )
 
-    Creates, then removes, a small temporary file in it.
+
+def check_directory(directory: Path) -> bool:
+    """Check, without creating anything, that checkpoints can be written to ``directory``.
+
+    An existing directory gets a small temporary file written and removed; for
+    one that does not exist yet, its nearest existing parent must be a
+    directory this process may create folders in.
+
+    Returns:
+        Whether ``directory`` exists.
 
     Raises:
-        CheckpointError: It cannot be created, is not a directory, or is not
-            writable; the message names the cause and the fix.
+        CheckpointError: It is (or would be below) a file, or cannot be
+            written (read-only, permission denied); the message names the cause and the fix.
+    """
+    try:
+        if directory.is_dir():
+            _probe(directory)
+            return True
+        if directory.exists():
+            raise FileExistsError(errno.EEXIST, "exists and is not a directory", str(directory))
+        parent = directory.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(parent))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+            code = errno.EROFS if read_only else errno.EACCES
+            raise OSError(code, os.strerror(code), str(parent))
+    except OSError as exc:
+        raise _unusable(directory, exc) from exc
+    return False
+
+
+def make_directory(directory: Path) -> None:
+    """Create ``directory`` (and its parents) if missing, and check that it takes files.
+
+    Raises:
+        CheckpointError: As :func:`check_directory`.
     """
     try:
         if directory.exists() and not directory.is_dir():
             raise FileExistsError(errno.EEXIST, "exists and is not a directory", str(directory))
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / tmp_name("probe")
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"\0")
-        finally:
-            os.close(fd)
-            probe.unlink(missing_ok=True)
+        _probe(directory)
     except OSError as exc:
-        cause, fix = explain(exc)
-        raise CheckpointError(
-            f"checkpoint.dir {str(directory)!r} cannot hold checkpoints: {cause} ({exc}). To fix it, "
-            f"{fix}. (Checked before the first training step, so no work was lost.)"
-        ) from exc
+        raise _unusable(directory, exc) from exc
+
+
+def _probe(directory: Path) -> None:
+    """Create, write and remove a small temporary file in ``directory``."""
+    probe = directory / tmp_name("probe")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"\0")
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)

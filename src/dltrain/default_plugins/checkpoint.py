@@ -56,7 +56,7 @@ from dltrain._nonfinite import finite_flags
 from dltrain._warnings import warn
 from dltrain.checkpoint import CheckpointInfo, DirectoryLock, list_checkpoints, next_name, save_checkpoint
 from dltrain.checkpoint._async import BackgroundSave, Snapshot
-from dltrain.checkpoint._directory import prepare_directory
+from dltrain.checkpoint._directory import check_directory, make_directory
 from dltrain.checkpoint._io import check_plain, finite_or_none
 from dltrain.checkpoint._store import clean_stale
 from dltrain.errors import CheckpointError
@@ -167,12 +167,15 @@ class CheckpointPlugin:
 
     @hookimpl
     def on_setup(self, state: State) -> None:
-        """Start a run; for a fit on rank 0, make the directory ready before the first step.
+        """Start a run; for a fit on rank 0, check the directory before the first step.
 
-        A fresh fit forgets the previous fit's best and last. Then the
-        directory is created if missing and checked (a writable directory),
-        locked for this run, and cleared of what crashed runs left (their
-        temporary files and uncommitted payloads).
+        A fresh fit forgets the previous fit's best and last. The directory
+        must be a writable directory, or creatable; an existing one is locked
+        for this run at once (so a resume reads it under the lock) and cleared
+        of what crashed runs left (their temporary files and uncommitted
+        payloads). A missing one is created and locked in ``on_fit_start``,
+        after a resume, so a mistyped ``resume='last'`` directory is not
+        created.
 
         Raises:
             CheckpointError: The directory cannot hold checkpoints, or another
@@ -183,12 +186,18 @@ class CheckpointPlugin:
             return
         self.best, self.last = [], None
         self.timing = SaveTiming()
-        if state.is_global_zero:
-            prepare_directory(self._cfg.dir)
-            lock = DirectoryLock(self._cfg.dir)
-            lock.acquire()
-            self._lock = lock
+        if state.is_global_zero and check_directory(self._cfg.dir):
+            self._claim()
+
+    def _claim(self) -> None:
+        """Lock the directory for this run and remove what crashed runs left there."""
+        lock = DirectoryLock(self._cfg.dir)
+        lock.acquire()
+        self._lock = lock
+        try:
             clean_stale(self._cfg.dir, grace=0.0)  # we hold the lock: nobody else writes here
+        except OSError as exc:  # leftovers cost space, not correctness
+            warn(f"could not remove what an interrupted save left in {str(self._cfg.dir)!r}: {exc}")
 
     @hookimpl
     def prepare_data(self, state: State, phase: Phase) -> None:
@@ -198,9 +207,13 @@ class CheckpointPlugin:
 
     @hookimpl
     def on_fit_start(self, state: State) -> None:
-        """Begin watching the loop; warn when a fresh run shares a directory with older checkpoints."""
+        """Begin watching the loop; create and lock a directory that did not exist at setup; warn
+        when a fresh run shares a directory with older checkpoints."""
         self._fitting = True
         self._seen_step = state.global_step
+        if state.is_global_zero and self._lock is None:
+            make_directory(self._cfg.dir)
+            self._claim()
         if state.global_step == 0 and state.is_global_zero:
             existing = list_checkpoints(self._cfg.dir)
             if existing:
