@@ -27,7 +27,7 @@ For each size, in processes forked from this one (so each peak RSS is its own):
   what the background writer takes from training (CPU and memory bandwidth),
   and each process's peak RSS.
 
-    python benchmarks/checkpoint.py                 # 10M, 50M, 200M parameters (several minutes)
+    python benchmarks/checkpoint.py                 # 10M, 50M, 200M parameters (about 15 minutes)
     python benchmarks/checkpoint.py --sizes 50M     # one size
     python benchmarks/checkpoint.py --quick         # tiny models: seconds; a smoke test, not a measurement
 
