@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -259,55 +260,42 @@ def _unshare() -> list[str] | None:
 
 
 @pytest.fixture(scope="module")
-def small_disk() -> Callable[[str], dict[str, Any]]:
-    """Runs ``_ckpt_scripts/small_disk.py`` on a real 1 MiB tmpfs; skips where it cannot be mounted."""
+def small_disk() -> dict[str, dict[str, Any]]:
+    """The reports of ``_ckpt_scripts/small_disk.py`` on a real 1 MiB tmpfs, by case; skips where
+    no tmpfs can be mounted."""
     prefix = _unshare()
     if prefix is None:
         pytest.skip("cannot mount a small tmpfs here (needs Linux with unshare and user namespaces, or root)")
-
-    def _run(mode: str) -> dict[str, Any]:
-        script = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4"'  # private: gone with the process
-        mount = Path(os.environ.get("TMPDIR", "/tmp")) / f"dltrain-small-disk-{os.getpid()}"
-        mount.mkdir(exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DLTRAIN_DISABLE_PLUGIN_AUTOLOAD": "1"}
-        try:
-            result = subprocess.run(
-                [
-                    *prefix,
-                    "sh",
-                    "-c",
-                    script,
-                    "sh",
-                    str(mount),
-                    sys.executable,
-                    str(SCRIPTS / "small_disk.py"),
-                    mode,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env=env,
-                check=False,
-            )
-        finally:
-            mount.rmdir()
-        assert result.returncode == 0, result.stderr
-        report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-        return report
-
-    return _run
+    script = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1"'  # private: gone with the process
+    mount = Path(tempfile.mkdtemp(prefix="dltrain-small-disk-"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLTRAIN_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    try:
+        result = subprocess.run(
+            [*prefix, "sh", "-c", script, "sh", str(mount), sys.executable, str(SCRIPTS / "small_disk.py")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            check=False,
+        )
+    finally:
+        mount.rmdir()
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {report["case"]: report for report in reports}
 
 
 @pytest.mark.parametrize("saving", ["sync", "async"])
 def test_a_really_full_disk_stops_training_with_a_checkpoint_error_and_keeps_the_earlier_checkpoint(
-    small_disk: Callable[[str], dict[str, Any]], saving: str
+    small_disk: dict[str, dict[str, Any]], saving: str
 ) -> None:
-    report = small_disk(saving)
+    report = small_disk[saving]
     assert report["error"] == "CheckpointError", report
     assert report["cause_type"] == "OSError" and report["cause_errno"] == report["enospc"]
     message = report["message"]
-    assert "could not write checkpoint 'step-000000001'" in message and "/ckpt' at global step 1" in message
-    assert "no space is left on the device" in message and "keep fewer checkpoints" in message
+    assert "could not write checkpoint 'step-000000001' to '" in message
+    assert f"/{saving}' at global step 1: no space is left on the device" in message
+    assert "keep fewer checkpoints" in message
     if saving == "async":
         assert "in the background; training stopped at the next step" in message
         assert report["steps"] == [1, 2]  # raised at the next step
@@ -317,10 +305,8 @@ def test_a_really_full_disk_stops_training_with_a_checkpoint_error_and_keeps_the
     assert report["files"] == ["step-000000000.ckpt", "step-000000000.json"]  # no partial file, no lock
 
 
-def test_a_read_only_file_system_fails_before_the_first_step(
-    small_disk: Callable[[str], dict[str, Any]],
-) -> None:
-    report = small_disk("read-only")
+def test_a_read_only_file_system_fails_before_the_first_step(small_disk: dict[str, dict[str, Any]]) -> None:
+    report = small_disk["read-only"]
     assert report["error"] == "CheckpointError", report
     assert report["cause_errno"] == report["erofs"]
     assert "the file system is read-only" in report["message"] and "writable location" in report["message"]

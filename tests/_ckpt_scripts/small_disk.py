@@ -2,12 +2,13 @@
 
 Expects ``MOUNT`` to be a fresh 1 MiB tmpfs, mounted by the caller inside a
 private mount namespace (``unshare``), where this process may remount it.
-Prints one JSON object per case:
+Prints one JSON object per case, in this order (one interpreter start for all):
 
-* ``full``: a checkpoint that fits is saved by hand; then a Trainer (with
-  ``--sync-save`` or asynchronous saves) trains a model too big for what is
-  left and hits "no space left on device" at its first save.
-* ``read_only``: the file system is remounted read-only; a Trainer is
+* ``sync`` and ``async``: in a directory of its own, a checkpoint that fits
+  is saved by hand; then a Trainer (synchronous or asynchronous saves)
+  trains a model too big for what is left and hits "no space left on device"
+  at its first save.
+* ``read-only``: the file system is remounted read-only; a Trainer is
   started with a checkpoint directory on it.
 """
 
@@ -74,27 +75,31 @@ def describe(exc: BaseException | None) -> dict[str, Any]:
     }
 
 
+def full_disk(folder: Path, mode: str) -> dict[str, Any]:
+    first = save_checkpoint({"model": {"w": torch.zeros(1000)}, "loop": {"global_step": 0}}, folder)
+    exc, steps = fit(folder, params=400_000, async_save=mode == "async")  # 1.6 MB of weights
+    verify_checkpoint(first.payload_path)  # raises if damaged
+    return {
+        "case": mode,
+        **describe(exc),
+        "steps": steps,
+        "checkpoints": [i.name for i in list_checkpoints(folder)],
+        "files": sorted(p.name for p in folder.iterdir()),
+        "enospc": errno.ENOSPC,
+    }
+
+
+def read_only(mount: Path) -> dict[str, Any]:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    exc, steps = fit(mount / "new", params=16, async_save=True)
+    return {"case": "read-only", **describe(exc), "steps": steps, "erofs": errno.EROFS}
+
+
 def main() -> None:
     mount = Path(sys.argv[1])
-    mode = sys.argv[2]
-    folder = mount / "ckpt"
-    if mode in ("sync", "async"):
-        first = save_checkpoint({"model": {"w": torch.zeros(1000)}, "loop": {"global_step": 0}}, folder)
-        exc, steps = fit(folder, params=400_000, async_save=mode == "async")  # 1.6 MB of weights
-        verify_checkpoint(first.payload_path)  # raises if damaged
-        report = {
-            "case": "full",
-            **describe(exc),
-            "steps": steps,
-            "checkpoints": [i.name for i in list_checkpoints(folder)],
-            "files": sorted(p.name for p in folder.iterdir()),
-            "enospc": errno.ENOSPC,
-        }
-    else:
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        exc, steps = fit(mount / "new", params=16, async_save=True)
-        report = {"case": "read_only", **describe(exc), "steps": steps, "erofs": errno.EROFS}
-    print(json.dumps(report))
+    for mode in ("sync", "async"):
+        print(json.dumps(full_disk(mount / mode, mode)), flush=True)
+    print(json.dumps(read_only(mount)), flush=True)
 
 
 if __name__ == "__main__":

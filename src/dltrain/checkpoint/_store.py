@@ -7,7 +7,7 @@ nine digits; a second checkpoint at the same step (a run restarted into the
 same directory) gets ``step-000000120-1``. Temporary files start with
 ``.tmp-`` and name their writer's host and PID; a save removes those whose
 writer is gone (see :func:`clean_stale`). The lock file ``.dltrain.lock``
-belongs to :class:`~dltrain.checkpoint._lock.DirectoryLock`. Files that do not
+belongs to :class:`~dltrain.checkpoint.DirectoryLock`. Files that do not
 follow these patterns are never touched.
 
 Order: every manifest holds a ``serial``, one more than the largest in the
