@@ -32,6 +32,7 @@ from dltrain.checkpoint._resume import (
     verify_checkpoint,
 )
 from dltrain.checkpoint._save import save_checkpoint
+from dltrain.checkpoint._saver import SaveTiming
 from dltrain.checkpoint._store import CheckpointInfo, list_checkpoints, next_name, rank_best
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "FAULT_ENV",
     "CheckpointInfo",
     "DirectoryLock",
+    "SaveTiming",
     "check_plain",
     "compare_for_resume",
     "format_report",

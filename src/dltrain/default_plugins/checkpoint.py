@@ -41,10 +41,8 @@ checkpoints stay.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,10 +52,17 @@ import torch
 from dltrain._markers import hookimpl
 from dltrain._nonfinite import finite_flags
 from dltrain._warnings import warn
-from dltrain.checkpoint import CheckpointInfo, DirectoryLock, list_checkpoints, next_name, save_checkpoint
-from dltrain.checkpoint._async import BackgroundSave, Snapshot
+from dltrain.checkpoint import (
+    CheckpointInfo,
+    DirectoryLock,
+    SaveTiming,
+    list_checkpoints,
+    next_name,
+    save_checkpoint,
+)
 from dltrain.checkpoint._directory import check_directory, make_directory
-from dltrain.checkpoint._io import check_plain, finite_or_none
+from dltrain.checkpoint._io import finite_or_none
+from dltrain.checkpoint._saver import Saver
 from dltrain.checkpoint._store import clean_stale
 from dltrain.errors import CheckpointError
 from dltrain.state import Phase, RunKind
@@ -67,47 +72,7 @@ if TYPE_CHECKING:
     from dltrain.state import State
     from dltrain.trainer import Trainer
 
-__all__ = ["CheckpointPlugin", "SaveTiming", "make_plugin"]
-
-_log = logging.getLogger("dltrain.checkpoint")
-
-#: A wait for the previous save longer than this (seconds) is worth a warning (once per fit).
-_SLOW_WAIT_S = 0.5
-
-
-@dataclass
-class SaveTiming:
-    """How much the saves of the current (or last) fit held up training, on rank 0.
-
-    Attributes:
-        saves: Checkpoints committed.
-        blocked_s: Seconds the training thread spent in saves: taking the
-            snapshot and waiting for the previous save (asynchronous), or the
-            whole write (synchronous, and the final save of a fit).
-        waited_s: The part of ``blocked_s`` spent waiting for a background save
-            to finish (the previous one, or the one in flight when fit ended).
-        last_blocked_s: ``blocked_s`` of the latest save.
-        last_waited_s: ``waited_s`` before the latest save.
-        last_write_s: Seconds the latest background save took to write and commit.
-    """
-
-    saves: int = 0
-    blocked_s: float = 0.0
-    waited_s: float = 0.0
-    last_blocked_s: float = 0.0
-    last_waited_s: float = 0.0
-    last_write_s: float = 0.0
-
-
-@dataclass
-class _InFlight:
-    """A background save and what to undo if it fails."""
-
-    job: BackgroundSave[CheckpointInfo]
-    name: str
-    step: int
-    previous_best: list[dict[str, Any]]
-    previous_last: dict[str, Any] | None
+__all__ = ["CheckpointPlugin", "make_plugin"]
 
 
 class CheckpointPlugin:
@@ -119,7 +84,6 @@ class CheckpointPlugin:
         last: The newest checkpoint this plugin saved, as ``{"name", "step"}``, or None.
             With asynchronous saves it names the latest save started, which
             may still be writing.
-        timing: How long saves held up training (a :class:`SaveTiming`).
     """
 
     name = "checkpoint"
@@ -134,11 +98,15 @@ class CheckpointPlugin:
         self._val_every = config.val_every_n_epochs
         self.best: list[dict[str, Any]] = []
         self.last: dict[str, Any] | None = None
-        self.timing = SaveTiming()
         self._lock: DirectoryLock | None = None
-        self._snapshot: Snapshot | None = None
-        self._in_flight: _InFlight | None = None
+        self._saver = Saver(self._cfg.dir)
         self._reset_run()
+
+    @property
+    def timing(self) -> SaveTiming:
+        """How long the saves of the current (or last) fit held up training
+        (a :class:`~dltrain.checkpoint.SaveTiming`)."""
+        return self._saver.timing
 
     @property
     def directory(self) -> Path:
@@ -161,7 +129,6 @@ class CheckpointPlugin:
         self._seen_step = 0
         self._dirty = False
         self._pending_epoch = False
-        self._warned_wait = False
 
     # -- run bookkeeping ------------------------------------------------------
 
@@ -185,7 +152,7 @@ class CheckpointPlugin:
         if state.run is not RunKind.FIT:
             return
         self.best, self.last = [], None
-        self.timing = SaveTiming()
+        self._saver.reset()
         if state.is_global_zero and check_directory(self._cfg.dir):
             self._claim()
 
@@ -234,8 +201,7 @@ class CheckpointPlugin:
             CheckpointError: The previous background save failed.
         """
         result = yield
-        if self._in_flight is not None and self._in_flight.job.done:
-            self._collect()  # raises a background failure here, at the next step
+        self._saver.poll()  # raises a background failure here, at the next step
         self._dirty = True
         stepped = state.global_step > self._seen_step
         self._seen_step = state.global_step
@@ -277,7 +243,7 @@ class CheckpointPlugin:
         Ctrl-C exits only after its checkpoints are on disk.
         """
         result = yield
-        self._collect()
+        self._saver.wait()
         if self._dirty and (self._cfg.save_on_fit_end or self._pending_epoch):
             self._save(trainer, state, "fit_end", background=False)
         self._fitting = False
@@ -286,14 +252,14 @@ class CheckpointPlugin:
     @hookimpl
     def on_exception(self) -> None:
         """A run is ending with an error: let the save in flight commit (its own error is a warning)."""
-        self._collect(raise_error=False)
+        self._saver.wait(raise_error=False)
 
     @hookimpl
     def on_teardown(self) -> None:
         """End of any run (also after an exception): wait for the save in flight, release the lock."""
         self._fitting = False
         try:
-            self._collect(raise_error=False)
+            self._saver.wait(raise_error=False)
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -329,10 +295,7 @@ class CheckpointPlugin:
             trainer.state_dict()
             return
         start = time.perf_counter()
-        previous = self._in_flight
-        waited = self._collect()  # at most one save in flight; its failure is raised here
-        if previous is not None and waited >= _SLOW_WAIT_S:
-            self._warn_slow(previous, waited)
+        waited = self._saver.wait_before_next()  # at most one save in flight; its failure is raised here
         cfg, step = self._cfg, state.global_step
         metrics = dict(state.metrics)
         score = finite_or_none(metrics.get(cfg.monitor)) if cfg.monitor else None
@@ -347,6 +310,10 @@ class CheckpointPlugin:
             ranked.append({"name": name, "step": step, "score": score})
             ranked.sort(key=lambda b: b["score"] if cfg.mode == "min" else -b["score"])
             self.best = ranked[: cfg.keep_best]
+
+        def undo() -> None:
+            self.best, self.last = previous_best, previous_last
+
         write = partial(
             save_checkpoint,
             directory=cfg.dir,
@@ -360,90 +327,23 @@ class CheckpointPlugin:
             name=name,
         )
         try:
-            payload = trainer.state_dict()
-            if background and cfg.async_save:
-                check_plain(payload)  # here, where a bad plugin state is the caller's bug
-                snapshot = self._snapshot = self._snapshot or Snapshot()
-                copy, events = snapshot.take(payload)
-                del payload  # the live tensors; the worker gets the copy
-                job: BackgroundSave[CheckpointInfo] = BackgroundSave(
-                    partial(write, copy), events=events, name=f"checkpoint-{name}"
-                )
-                job.start()
-                self._in_flight = _InFlight(job, name, step, previous_best, previous_last)
-            else:
-                self._after_save(write(payload), name)
+            self._saver.save(
+                trainer.state_dict(),
+                write,
+                name=name,
+                step=step,
+                background=background and cfg.async_save,
+                committed=partial(self._committed, planned=name),
+                failed=undo,
+            )
             self._dirty = False
         except BaseException:
-            self.best, self.last = previous_best, previous_last
+            undo()
             raise
         finally:
-            self._account(time.perf_counter() - start, waited)
+            self._saver.account(start, waited)
 
-    def _collect(self, *, raise_error: bool = True) -> float:
-        """Wait for the save in flight, if any, and settle it.
-
-        Returns:
-            The seconds waited.
-
-        Raises:
-            CheckpointError: That save failed (unless ``raise_error`` is False:
-                then it is a warning).
-        """
-        flight, self._in_flight = self._in_flight, None
-        if flight is None:
-            return 0.0
-        waited = flight.job.wait()
-        self.timing.last_write_s = flight.job.seconds
-        if waited:
-            self.timing.waited_s += waited
-            self.timing.blocked_s += waited
-        error = flight.job.error
-        if error is None:
-            assert flight.job.result is not None
-            self._after_save(flight.job.result, flight.name)
-            _log.info(
-                "checkpoint %s committed: written in the background in %.3f s",
-                flight.job.result.name,
-                flight.job.seconds,
-            )
-            return waited
-        self.best, self.last = flight.previous_best, flight.previous_last
-        message = (
-            f"{error} (this checkpoint, of global step {flight.step}, was being written in the background; "
-            f"training stopped at the next step)"
-        )
-        if not raise_error:
-            warn(message)
-            return waited
-        if isinstance(error, CheckpointError):
-            raise CheckpointError(message) from (error.__cause__ or error)
-        if isinstance(error, Exception):
-            raise CheckpointError(
-                f"could not write checkpoint {flight.name!r} to {str(self._cfg.dir)!r} at global step "
-                f"{flight.step}: {error!r} (in the background; training stopped at the next step)"
-            ) from error
-        raise error
-
-    def _account(self, blocked: float, waited: float) -> None:
-        # ``waited`` was already added to the totals by _collect.
-        self.timing.last_blocked_s = blocked
-        self.timing.last_waited_s = waited
-        self.timing.blocked_s += blocked - waited
-
-    def _warn_slow(self, flight: _InFlight, waited: float) -> None:
-        if self._warned_wait:
-            return
-        self._warned_wait = True
-        warn(
-            f"training waited {waited:.1f} s for checkpoint {flight.name!r} (global step {flight.step}) to "
-            f"finish writing in the background (it took {flight.job.seconds:.1f} s): saves come faster "
-            f"than {str(self._cfg.dir)!r} takes them. Save less often (checkpoint.every_n_steps) or "
-            f"write to a faster disk"
-        )
-
-    def _after_save(self, info: CheckpointInfo, planned: str) -> None:
-        self.timing.saves += 1
+    def _committed(self, info: CheckpointInfo, planned: str) -> None:
         if info.name != planned:  # pragma: no cover - another writer took the name
             self.last = {"name": info.name, "step": info.global_step}
             for entry in self.best:
@@ -460,7 +360,7 @@ class CheckpointPlugin:
         raised), so a payload built now, as ``trainer.state_dict()`` for a save
         by hand into the same directory, is saved after it, under its own name.
         """
-        self._collect()
+        self._saver.wait()
         return {"best": [dict(b) for b in self.best], "last": dict(self.last) if self.last else None}
 
     @hookimpl
