@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def _run(script: str, *args: str) -> tuple[str, dict[str, float]]:
     """Run a benchmark with ``--quick``; its output and the values of its RESULT line."""
     data_dir = os.environ.get("DLTRAIN_MNIST_DIR")
-    extra = ["--data-dir", data_dir] if data_dir and script != "import_time.py" else []
+    extra = ["--data-dir", data_dir] if data_dir and script in ("overhead.py", "mnist.py") else []
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", *extra, *args],
         capture_output=True,
@@ -73,3 +73,10 @@ def test_instruction_benchmark_runs_its_variants() -> None:
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
+
+
+def test_checkpoint_benchmark_reports_the_stall_and_memory_ratios() -> None:
+    out, values = _run("checkpoint.py")
+    assert set(values) == {"stall_ratio", "memory_ratio"}
+    assert all(v > 0 and math.isfinite(v) for v in values.values())
+    assert "bare torch.save s" in out and "verify s (read+sha256)" in out

@@ -37,6 +37,9 @@ def roll_back(driver: Driver, problem: Problem) -> None:
     trainer, state, config = driver.trainer, driver.state, driver.config
     assert config.checkpoint is not None  # the config requires it with this policy
     directory = config.checkpoint.dir
+    saver = trainer.get_plugin("checkpoint")
+    if saver is not None and hasattr(saver, "wait"):
+        saver.wait()  # an asynchronous save in flight may be the checkpoint to restore
     eligible = [i for i in list_checkpoints(directory) if i.global_step <= problem.since]
     if len(eligible) > 1 and eligible[-1].global_step == driver.last_restored_step:
         # Failed again from the checkpoint the last rollback restored: its weights are finite but

@@ -96,6 +96,12 @@ class CheckpointConfig(_Strict):
     keep_best: NonNegativeInt = Field(
         default=1, description="How many of the best (by `monitor`) to keep as well."
     )
+    async_save: bool = Field(
+        default=True,
+        description="Write checkpoints in a background thread: training goes on once the state is "
+        "copied to CPU memory (one extra copy of the model and optimizer state, kept between saves). "
+        "False: training waits for each save to be written.",
+    )
 
 
 class CompileOptions(_Strict):
