@@ -160,6 +160,8 @@ class TimeLimit:
         self.validation_seconds: float | None = None
         self.save_seconds: float | None = None
         self.stopped = False
+        self._stopped_at: float | None = None
+        self._final_save: float | None = None
         self._steps: deque[float] = deque(maxlen=32)
         self._start: float | None = None
         self._last_check: float | None = None
@@ -265,14 +267,15 @@ class TimeLimit:
         """Around the final save: time it, and say how the limit was kept."""
         before, last = self._clock(), self._last_saved()
         result = yield
-        taken = self._clock() - before
-        saved = self._saved(last, taken)
-        if self.stopped and state.is_global_zero:
-            left = self.time_left() or 0.0
+        self._saved(last, self._clock() - before)
+        if self.stopped and state.is_global_zero and self._stopped_at is not None:
+            ended = self.limit - (self.time_left() or 0.0)
+            saved = (
+                f"the final checkpoint took {format_duration(self._final_save)}; " if self._final_save else ""
+            )
             print(
-                f"time limit: stopped {format_duration(self.limit - left)} into {format_duration(self.limit)}"
-                + (f"; the final checkpoint took {format_duration(taken)}" if saved else "")
-                + f"; {format_duration(max(left, 0.0))} were left",
+                f"time limit: stopped {format_duration(self._stopped_at)} into {format_duration(self.limit)}; "
+                f"{saved}fit ended {format_duration(max(self.limit - ended, 0.0))} before the limit",
                 flush=True,
             )
         self._start = None
@@ -288,6 +291,8 @@ class TimeLimit:
         if self._checkpoint is None or getattr(self._checkpoint, "last", None) == last_before:
             return False
         self.save_seconds = max(self.save_seconds or 0.0, taken)
+        if self.stopped:
+            self._final_save = taken
         return True
 
     def _save_estimate(self) -> float:
@@ -308,7 +313,7 @@ class TimeLimit:
         elapsed = self._clock() - self._start
         left = self.limit - elapsed
         if left < reserve:
-            self.stopped = True
+            self.stopped, self._stopped_at = True, elapsed
             trainer.request_stop(
                 f"time limit {format_duration(self.limit)}: {format_duration(elapsed)} passed, and "
                 f"{format_duration(max(left, 0.0))} left is less than the {format_duration(reserve)} kept "
