@@ -135,18 +135,56 @@ def test_per_layer_and_per_parameter_norms(p: float) -> None:
     for row in rows:
         weight0, bias0, weight2, bias2 = reference.grads[(row["step"], "default")]
         assert row["grad_norm"] == pytest.approx(norm([weight0, bias0, weight2, bias2], p), rel=1e-5)
-        assert row["grad_norm/0"] == pytest.approx(norm([weight0, bias0], p), rel=1e-5)
-        assert row["grad_norm/2"] == pytest.approx(norm([weight2, bias2], p), rel=1e-5)
-        assert row["grad_norm/2.bias"] == pytest.approx(norm([bias2], p), rel=1e-5)
+        assert row["grad_norm_layer/0"] == pytest.approx(norm([weight0, bias0], p), rel=1e-5)
+        assert row["grad_norm_layer/2"] == pytest.approx(norm([weight2, bias2], p), rel=1e-5)
+        assert row["grad_norm_param/2.bias"] == pytest.approx(norm([bias2], p), rel=1e-5)
         assert {k for k in row if k.startswith("grad_norm")} == {
             "grad_norm",
-            "grad_norm/0",
-            "grad_norm/2",
-            "grad_norm/0.weight",
-            "grad_norm/0.bias",
-            "grad_norm/2.weight",
-            "grad_norm/2.bias",
+            "grad_norm_layer/0",
+            "grad_norm_layer/2",
+            "grad_norm_param/0.weight",
+            "grad_norm_param/0.bias",
+            "grad_norm_param/2.weight",
+            "grad_norm_param/2.bias",
         }
+
+
+def test_a_module_with_parameters_in_two_optimizers_has_one_norm() -> None:
+    model = tiny_model()
+    reference = GradientsBeforeEachStep()
+    trainer = dltrain.Trainer(
+        max_epochs=1, device="cpu", progress="off", log_every_n_steps=2,
+        plugins=[GradientNormMonitor(per_layer=True), reference],
+    )  # fmt: skip
+    optimizers = {
+        "weights": torch.optim.SGD([model[0].weight, model[2].weight], lr=0.1),
+        "biases": torch.optim.SGD([model[0].bias, model[2].bias], lr=0.1),
+    }
+    trainer.fit(model, tiny_loader(), optimizer=optimizers, loss_fn=nn.CrossEntropyLoss())
+    rows = [r for r in read_metrics(trainer.get_plugin("metric_log").run_path) if r["kind"] == "step"]
+    for row in rows:
+        (w0, w2), (b0, _) = (
+            reference.grads[(row["step"], "weights")],
+            reference.grads[(row["step"], "biases")],
+        )
+        assert row["grad_norm_layer/0"] == pytest.approx(norm([w0, b0]), rel=1e-5)
+        assert row["grad_norm-weights"] == pytest.approx(norm([w0, w2]), rel=1e-5)
+
+
+def test_no_metric_name_is_a_folder_of_another() -> None:
+    """A store that keeps one file per metric (MLflow's file store) needs it: 'a' and 'a/b' cannot both be."""
+    model = tiny_model()
+    optimizers, schedulers = two_optimizers(model)
+    monitors = [LearningRateMonitor(), GradientNormMonitor(per_layer=True, per_parameter=True)]
+    trainer = dltrain.Trainer(
+        max_epochs=1, device="cpu", progress="off", log_every_n_steps=2, plugins=monitors
+    )
+    trainer.fit(
+        model, tiny_loader(), optimizer=optimizers, scheduler=schedulers, loss_fn=nn.CrossEntropyLoss()
+    )
+    names = {k for r in read_metrics(trainer.get_plugin("metric_log").run_path) for k in r}
+    assert {"grad_norm-body", "grad_norm_layer/0", "grad_norm_param/0.weight", "lr-head/group0"} <= names
+    assert not [(a, b) for a in names for b in names if b.startswith(a + "/")]
 
 
 def test_the_reported_norm_is_the_clipped_one() -> None:
@@ -182,7 +220,14 @@ def test_the_summary_is_printed_once_at_fit_start(capsys: pytest.CaptureFixture[
     printed = capsys.readouterr().out
     assert printed == ModelSummary().summarize(model) + "\n"
     lines = printed.splitlines()
-    assert [c.strip() for c in lines[0].split("|")] == ["", "Name", "Type", "Trainable", "Frozen", "Size (MB)"]
+    assert [c.strip() for c in lines[0].split("|")] == [
+        "",
+        "Name",
+        "Type",
+        "Trainable",
+        "Frozen",
+        "Size (MB)",
+    ]
     assert [c.strip() for c in lines[2].split("|")] == ["0", "0", "Sequential", "0", "144", "0.001"]
     assert [c.strip() for c in lines[3].split("|")] == ["1", "1", "Linear", "51", "0", "0.000"]
     assert [line.split() for line in lines[-4:]] == [

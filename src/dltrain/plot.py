@@ -40,7 +40,7 @@ LEARNING_RATE = "learning rate"
 
 def step_panel(name: str) -> str:
     """The panel of a step metric: the learning rates together, momentum and betas together,
-    else the metric's name up to its first ``-`` or ``/`` (``grad_norm/encoder`` -> ``grad norm``)."""
+    else the metric's name up to its first ``-`` or ``/`` (``grad_norm_layer/fc1`` -> ``grad norm layer``)."""
     if name == "lr" or name.startswith(("lr_", "lr-")):
         return LEARNING_RATE
     if name.startswith(("momentum-", "beta1-", "beta2-")):

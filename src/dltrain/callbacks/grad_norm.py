@@ -37,12 +37,12 @@ class GradientNormMonitor:
 
     | metric | what it is |
     | --- | --- |
-    | ``grad_norm`` | the norm over all gradients (``grad_norm-<optimizer>`` for each of several optimizers) |
-    | ``grad_norm/<module>`` | with ``per_layer``: over each top-level module's gradients (``grad_norm/encoder``; a parameter of the model itself is its own) |
-    | ``grad_norm/<parameter>`` | with ``per_parameter``: each parameter's (``grad_norm/encoder.0.weight``) |
+    | ``grad_norm`` | the norm over all gradients (``grad_norm-<optimizer>`` over each optimizer's, with several) |
+    | ``grad_norm_layer/<module>`` | with ``per_layer``: over each top-level module's gradients (``grad_norm_layer/encoder``; a parameter of the model itself is its own) |
+    | ``grad_norm_param/<parameter>`` | with ``per_parameter``: each parameter's (``grad_norm_param/encoder.0.weight``) |
 
-    With several optimizers, ``grad_norm-<optimizer>`` takes the place of
-    ``grad_norm`` in these names.
+    No name is another's followed by ``/``, so stores that keep a metric per
+    file (MLflow's file store) take them all.
 
     Args:
         norm_type: The p of the p-norm: 2.0 (Euclidean), 1.0, or ``inf`` (the largest absolute value).
@@ -60,12 +60,13 @@ class GradientNormMonitor:
             )
         self.norm_type, self.per_layer, self.per_parameter = norm, per_layer, per_parameter
         self._pending: dict[str, torch.Tensor] = {}
+        self._layers: dict[str, list[torch.Tensor]] = {}  # a module's norms, from each optimizer
         self._names: dict[int, tuple[str, str]] = {}  # id(parameter) -> (its name, its top-level module)
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         """Name the parameters once (for the per-module and per-parameter norms)."""
-        self._pending = {}
+        self._pending, self._layers = {}, {}
         self._names = {}
         for name, parameter in unwrap_model(trainer.model).named_parameters():
             # A top-level module's parameters share its name; a top-level parameter is its own.
@@ -92,15 +93,12 @@ class GradientNormMonitor:
         with torch.no_grad():
             norms = [n.float() for n in torch._foreach_norm(grads, self.norm_type)]
             self._pending[base] = self._combine(norms)
-            if self.per_layer:
-                by_module: dict[str, list[torch.Tensor]] = {}
+            if self.per_layer:  # combined when read: a module's parameters may have several optimizers
                 for (_, top), norm in zip(owners, norms, strict=True):
-                    by_module.setdefault(top, []).append(norm)
-                for top, parts in by_module.items():
-                    self._pending[f"{base}/{top}"] = self._combine(parts)
+                    self._layers.setdefault(top, []).append(norm)
             if self.per_parameter:
                 for (name, _), norm in zip(owners, norms, strict=True):
-                    self._pending[f"{base}/{name}"] = norm
+                    self._pending[f"grad_norm_param/{name}"] = norm
 
     def _combine(self, norms: list[torch.Tensor]) -> torch.Tensor:
         """The p-norm of all the tensors whose p-norms are ``norms``: the norm of the norms."""
@@ -112,4 +110,8 @@ class GradientNormMonitor:
     def compute_step_metrics(self) -> dict[str, Any]:
         """The norms measured in this interval (tensors: read with the Trainer's one sync)."""
         pending, self._pending = self._pending, {}
+        with torch.no_grad():
+            for top, parts in self._layers.items():
+                pending[f"grad_norm_layer/{top}"] = self._combine(parts)
+        self._layers = {}
         return pending
