@@ -143,23 +143,10 @@ def test_the_mnist_example_with_callbacks_runs_and_its_values_are_logged_and_dra
     monkeypatch.setenv("DLTRAIN_MNIST_DIR", str(mnist_fake_dir))
     config = ROOT / "examples" / "mnist" / "config_callbacks.yaml"
     try:
-        code = main(
-            [
-                "fit",
-                "--config",
-                str(config),
-                "--trainer.max_epochs",
-                "2",
-                "--trainer.device",
-                "cpu",
-                "--trainer.log_every_n_steps",
-                "2",
-                "--optimizer.init_args.lr",
-                "0.1",
-                "--plugins.1.init_args.decay",
-                "0.5",
-            ]
-        )  # fmt: skip  (12 steps: a short average)
+        # 12 steps: a short average (decay 0.5), so that the validation of the average learns
+        code = main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--trainer.device", "cpu",
+                     "--trainer.log_every_n_steps", "2", "--optimizer.init_args.lr", "0.1",
+                     "--plugins.1.init_args.decay", "0.5"])  # fmt: skip
     finally:
         for name in ("mnist_model", "mnist_run", "mnist_data"):
             sys.modules.pop(name, None)
