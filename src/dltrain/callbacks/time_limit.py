@@ -17,6 +17,7 @@ from dltrain.errors import ConfigError
 from dltrain.state import Phase, RunKind
 
 if TYPE_CHECKING:
+    from dltrain.config import CheckpointConfig
     from dltrain.state import State
     from dltrain.trainer import Trainer
 
@@ -106,10 +107,15 @@ class TimeLimit:
     save after an epoch's training, or the next epoch's first step after an
     epoch. Until a save was measured, a save is taken to last ``save_seconds``,
     or the time to write three times the model's size (the weights and up to
-    two optimizer moments per weight) at 100 MB/s. The
-    measurements are in every checkpoint, so a resumed run knows them from its
-    first step. If the checkpoint plugin reports its last save's duration as a
+    two optimizer moments per weight) at 100 MB/s. The measurements are in
+    every checkpoint, so a resumed run knows them from its first step. If the
+    checkpoint plugin reports its last save's duration as a
     ``last_save_seconds`` attribute (seconds), that counts as a measurement too.
+
+    Under torchrun every process measures and decides on its own clock, and a
+    stop any of them asks for stops all at the same step. Only rank 0 writes
+    a checkpoint: the others count a save where the checkpoint policy has one
+    (they build its payload), and rank 0's write shows in their next step.
 
     Args:
         seconds: The limit: seconds, a ``timedelta`` or a string (``"4h"``,
@@ -215,8 +221,13 @@ class TimeLimit:
         before, last = self._clock(), self._last_saved()
         result = yield
         after = self._clock()
-        self._saved(last, after - before)
-        if state.micro_step == 0 and state.global_step != self._seen_step:
+        stepped = state.micro_step == 0 and state.global_step != self._seen_step
+        policy = self._policy(trainer)
+        every = policy.every_n_steps if policy is not None else None
+        self._saved(
+            last, after - before, scheduled=bool(stepped and every and state.global_step % every == 0)
+        )
+        if stepped:
             self._seen_step = state.global_step
             if self._last_check is not None:
                 taken = before - self._last_check
@@ -258,16 +269,19 @@ class TimeLimit:
         """Around the epoch's end (its save included): stop when the next epoch's first step would not fit."""
         before, last = self._clock(), self._last_saved()
         result = yield
-        self._saved(last, self._clock() - before)
+        policy = self._policy(trainer)
+        every = policy.every_n_epochs if policy is not None else None
+        self._saved(last, self._clock() - before, scheduled=bool(every and (state.epoch + 1) % every == 0))
         self._check(trainer, state, self.first_step_seconds or self.step_seconds or 0.0)
         return result
 
     @hookimpl(wrapper=True)
-    def on_fit_end(self, state: State) -> Generator[None, None, None]:
+    def on_fit_end(self, trainer: Trainer, state: State) -> Generator[None, None, None]:
         """Around the final save: time it, and say how the limit was kept."""
         before, last = self._clock(), self._last_saved()
         result = yield
-        self._saved(last, self._clock() - before)
+        policy = self._policy(trainer)
+        self._saved(last, self._clock() - before, scheduled=bool(policy and policy.save_on_fit_end))
         if self.stopped and state.is_global_zero and self._stopped_at is not None:
             ended = self.limit - (self.time_left() or 0.0)
             saved = (
@@ -283,17 +297,24 @@ class TimeLimit:
 
     # -- deciding -----------------------------------------------------------------------
 
+    def _policy(self, trainer: Trainer) -> CheckpointConfig | None:
+        """When the checkpoint plugin saves (None: it does not)."""
+        return trainer.config.checkpoint if self._checkpoint is not None else None
+
     def _last_saved(self) -> Any:
         return getattr(self._checkpoint, "last", None)
 
-    def _saved(self, last_before: Any, taken: float) -> bool:
-        """Record ``taken`` as a save's duration when the checkpoint plugin saved meanwhile."""
-        if self._checkpoint is None or getattr(self._checkpoint, "last", None) == last_before:
-            return False
+    def _saved(self, last_before: Any, taken: float, scheduled: bool) -> None:
+        """Record ``taken`` as a save's duration when the checkpoint plugin saved meanwhile (its ``last``
+        changed), or when its policy saves here: only rank 0 writes, but every rank builds the
+        payload (and takes the stop decision), so every rank counts the save. A scheduled save that
+        did not happen (nothing new to save) counts as a short one; the slowest is what is kept."""
+        written = self._checkpoint is not None and getattr(self._checkpoint, "last", None) != last_before
+        if not (written or (scheduled and self._checkpoint is not None)):
+            return
         self.save_seconds = max(self.save_seconds or 0.0, taken)
-        if self.stopped:
+        if written and self.stopped:
             self._final_save = taken
-        return True
 
     def _save_estimate(self) -> float:
         if self._checkpoint is None:
