@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import dltrain.callbacks
+from dltrain.checkpoint import list_checkpoints, load_checkpoint
 from dltrain.cli import main
 from dltrain.default_plugins.metric_log import read_metrics
 from dltrain.plot import LEARNING_RATE, plot_run, step_series
@@ -120,6 +121,28 @@ def test_a_bad_plugin_entry_is_an_error_naming_its_key(
     (tmp_path / "run.yaml").write_text(RUN_FILE)
     assert main(["fit", "--config", "run.yaml", *override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_file_resumes_the_run_its_plugins_stopped(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(RUN_FILE + "  - {class_path: dltrain.callbacks:EMA}\n")
+    first = [
+        "fit",
+        "--config",
+        "run.yaml",
+        "--trainer.checkpoint",
+        "{dir: ckpt}",
+        "--trainer.max_epochs",
+        "1",
+    ]
+    assert main(first) == 0
+    assert main([*first[:-1], "4", "--resume", "last"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()  # the resumed run continues the same folder
+    rows = read_metrics(run)
+    assert [r["kind"] for r in rows if r["kind"] != "step"] == ["epoch", "resume", "epoch"]
+    last = list_checkpoints(tmp_path / "ckpt")[-1]
+    payload = load_checkpoint(last.payload_path)
+    assert last.global_step == payload["plugins"]["ema"]["updates"] == 8  # 2 epochs of 4 steps
+    assert payload["plugins"]["early_stopping"]["wait"] == 1  # lr 0: stopped after the 2nd epoch
 
 
 def test_dltrain_plugins_lists_the_run_files_plugins(

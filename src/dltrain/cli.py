@@ -42,6 +42,7 @@ overrides: any key of the run file as --dotted.key VALUE or --dotted.key=VALUE, 
 or after --config; VALUE is read as YAML (3, 0.1, null, true, [1, 2], {a: 1}). Examples:
   dltrain fit --config run.yaml --trainer.max_epochs 3 --optimizer.init_args.lr 0.1
   dltrain fit --trainer.device=cpu --config run.yaml --print-config
+  dltrain fit --config run.yaml --resume last       # continue from the newest checkpoint
 """
 
 
@@ -207,7 +208,15 @@ def _build_and_fit(run: RunConfig) -> tuple[Trainer, dict[str, float] | None]:
     test = build(run.data.test, "data.test") if run.data.test is not None else None
     plugins = build_plugins(run.plugins)
     trainer = Trainer(run.trainer, plugins=[*plugins, _RunFileWriter(run)])
-    trainer.fit(model, train, optimizer=optimizer, loss_fn=loss_fn, val_data=val, scheduler=scheduler)
+    trainer.fit(
+        model,
+        train,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        val_data=val,
+        scheduler=scheduler,
+        resume=run.resume,
+    )
     result = trainer.test(model, test) if test is not None else None
     return trainer, result
 

@@ -22,6 +22,7 @@ plugins:                                 # optional: plugin instances, registere
   - class_path: dltrain.callbacks:EarlyStopping
     init_args: {monitor: val_loss, patience: 3}
   - class_path: dltrain.callbacks:LearningRateMonitor
+resume: last                             # optional: continue from a checkpoint ('last', 'best', a path)
 ```
 
 Every value is validated by pydantic, and every error names the key it is
@@ -117,6 +118,11 @@ class RunConfig(_Strict):
         default_factory=list,
         description="Plugins to register after the built-ins, each called with init_args "
         "(e.g. dltrain.callbacks:EarlyStopping).",
+    )
+    resume: str | None = Field(
+        default=None,
+        description="Continue from a checkpoint of trainer.checkpoint.dir: 'last', 'best', or a path "
+        "(e.g. --resume last in the next job after a TimeLimit stop).",
     )
 
 
