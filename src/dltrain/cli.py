@@ -44,6 +44,7 @@ overrides: any key of the run file as --dotted.key VALUE or --dotted.key=VALUE, 
 or after --config; VALUE is read as YAML (3, 0.1, null, true, [1, 2], {a: 1}). Examples:
   dltrain fit --config run.yaml --trainer.max_epochs 3 --optimizer.init_args.lr 0.1
   dltrain fit --trainer.device=cpu --config run.yaml --print-config
+  dltrain fit --config run.yaml --resume last       # continue from the newest checkpoint
 """
 
 
@@ -198,7 +199,7 @@ def _build_and_fit(run: RunConfig) -> tuple[Trainer, dict[str, float] | None]:
     import torch
 
     from dltrain._rng import seed_everything
-    from dltrain.run_config import build
+    from dltrain.run_config import build, build_plugins
     from dltrain.trainer import Trainer
 
     if run.seed is not None:
@@ -220,8 +221,17 @@ def _build_and_fit(run: RunConfig) -> tuple[Trainer, dict[str, float] | None]:
     train = build(run.data.train, "data.train")
     val = build(run.data.val, "data.val") if run.data.val is not None else None
     test = build(run.data.test, "data.test") if run.data.test is not None else None
-    trainer = Trainer(run.trainer, plugins=[_RunFileWriter(run)])
-    trainer.fit(model, train, optimizer=optimizer, loss_fn=loss_fn, val_data=val, scheduler=scheduler)
+    plugins = build_plugins(run.plugins)
+    trainer = Trainer(run.trainer, plugins=[*plugins, _RunFileWriter(run)])
+    trainer.fit(
+        model,
+        train,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        val_data=val,
+        scheduler=scheduler,
+        resume=run.resume,
+    )
     result = trainer.test(model, test) if test is not None else None
     return trainer, result
 
@@ -285,27 +295,37 @@ def _verify_resume(
 
 
 def _plugins(config: str | None) -> int:
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
     from dltrain._plugin_manager import hookspecs_in_order
     from dltrain.config import TrainerConfig
-    from dltrain.run_config import read_run_file
+    from dltrain.run_config import (
+        ComponentSpec,
+        add_import_dirs,
+        build_plugins,
+        format_validation_error,
+        read_run_file,
+    )
     from dltrain.trainer import Trainer
 
     section: dict[str, Any] = {}
+    plugin_specs: Any = []
     if config is not None:
         data = read_run_file(config)
-        # A run file: its trainer section (possibly absent); else a TrainerConfig file.
-        is_run_file = "trainer" in data or bool(set(data) & {"model", "optimizer", "data"})
+        # A run file: its trainer section (possibly absent) and its plugins; else a TrainerConfig file.
+        is_run_file = bool(set(data) & {"trainer", "model", "optimizer", "data", "plugins"})
         section = dict(data.get("trainer") or {}) if is_run_file else data
+        plugin_specs = (data.get("plugins") or []) if is_run_file else []
     try:
         trainer_config = TrainerConfig.model_validate(section)
+        specs = TypeAdapter(list[ComponentSpec]).validate_python(plugin_specs)
     except ValidationError as exc:
-        from dltrain.run_config import format_validation_error
-
-        message = format_validation_error(exc, repr(config), prefix="trainer")
+        prefix = "trainer" if exc.title == TrainerConfig.__name__ else "plugins"
+        message = format_validation_error(exc, repr(config), prefix=prefix)
         raise ConfigError(f"invalid run configuration:\n{message}") from None
-    manager = Trainer(trainer_config).plugin_manager
+    add_import_dirs(config)
+    plugins = build_plugins(specs)
+    manager = Trainer(trainer_config, plugins=plugins).plugin_manager
     order = {name: i for i, name in enumerate(hookspecs_in_order())}
     infos = manager.plugins()
     width = max([len(i.name) for i in infos] + [4])

@@ -107,6 +107,16 @@ class CheckpointPlugin:
         return self._saver.timing
 
     @property
+    def last_save_seconds(self) -> float | None:
+        """Seconds the latest finished save took from its start to its commit (the snapshot and
+        the write, without waiting for an earlier save), or None before the first. ``TimeLimit``
+        keeps room for the final save with it."""
+        t = self._saver.timing
+        if not t.saves:
+            return None
+        return t.last_blocked_s - t.last_waited_s + t.last_write_s
+
+    @property
     def directory(self) -> Path:
         """Where checkpoints are written."""
         return self._cfg.dir
