@@ -315,6 +315,13 @@ def test_bad_arguments_are_refused_before_anything_runs(
     _assert_identical(before, model.state_dict())
 
 
+def test_a_config_is_not_a_trainer() -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="takes the Trainer whose config the sweep uses, got TrainerConfig"):
+        lr_find(dltrain.TrainerConfig(), model, tiny_loader(), optimizer=opt)  # type: ignore[arg-type]
+
+
 def test_several_optimizers_are_refused() -> None:
     model = tiny_model()
     opts = {

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,15 +32,17 @@ if TYPE_CHECKING:
 __all__ = ["LRFindResult", "lr_find"]
 
 #: Config fields the sweep sets whatever the given Trainer's config says (see :func:`lr_find`).
-SWEEP_OVERRIDES: Mapping[str, Any] = {
-    "max_epochs": None,  # as many epochs as the steps need
-    "run_dir": None,
-    "checkpoint": None,
-    "progress": "off",
-    "compile": False,
-    "on_nonfinite": "stop",
-    "autoload_plugins": False,
-}
+SWEEP_OVERRIDES: Mapping[str, Any] = MappingProxyType(
+    {
+        "max_epochs": None,  # as many epochs as the steps need
+        "run_dir": None,
+        "checkpoint": None,
+        "progress": "off",
+        "compile": False,
+        "on_nonfinite": "stop",
+        "autoload_plugins": False,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class LRFindResult:
             when that stretch is under three points (the loss fell from the
             start, or never), a tenth of :attr:`lr_at_min_loss`; ``"none"``.
         stop_reason: Why the sweep ended: ``"max_steps reached"`` (all
-            ``num_steps`` ran), or the divergence or non-finite loss that stopped it.
+            ``num_steps`` ran), or the divergence or non-finite loss that stopped
+            it (under torchrun: as this process saw it, on its own shard).
     """
 
     lrs: tuple[float, ...]
@@ -419,6 +423,11 @@ def lr_find(
     from dltrain.default_plugins.distributed import launched_by_torchrun
     from dltrain.trainer import Trainer
 
+    if not isinstance(trainer, Trainer):
+        raise ConfigError(
+            f"lr_find takes the Trainer whose config the sweep uses, got {type(trainer).__name__}; "
+            f"e.g. lr_find(dltrain.Trainer(device='cuda'), model, loader, optimizer=opt, loss_fn=...)"
+        )
     _check_arguments(optimizer, min_lr, max_lr, num_steps, smooth, diverge)
     config = trainer.config
     several = torch.distributed.is_available() and (
