@@ -410,3 +410,22 @@ def test_under_torchrun_every_rank_gets_the_curve_of_the_global_batch(tmp_path: 
     assert common > 50
     assert rank0["lrs"][:common] == pytest.approx(one["lrs"][:common], rel=1e-12)
     assert rank0["raw"][:common] == pytest.approx(one["raw"][:common], rel=1e-4)
+
+
+# -- on a GPU (skipped without CUDA) -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_sweep_on_cuda_gives_the_model_back_on_the_cpu_and_the_cuda_generators_unchanged() -> None:
+    model = _noisy_model()  # on the CPU
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # no state yet: it would be on the CPU
+    loader = tiny_loader(shuffle=True)
+    torch.cuda.manual_seed_all(11)
+    before = _state(model, opt, loader)
+    cuda_rng = torch.cuda.get_rng_state_all()
+    trainer = dltrain.Trainer(device="cuda", progress="off", run_dir=None, seed=5)
+    result = lr_find(trainer, model, loader, optimizer=opt, loss_fn=torch.nn.CrossEntropyLoss(), num_steps=20)
+    assert len(result.lrs) == 20
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    _assert_identical(before, _state(model, opt, loader))
+    _assert_identical(cuda_rng, torch.cuda.get_rng_state_all())

@@ -124,3 +124,12 @@ def test_neither_import_dltrain_nor_the_callbacks_package_loads_the_profiler_mod
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_trace_holds_the_gpu_kernels() -> None:
+    profiler = Profiler(wait=0, warmup=1, active=2, out_dir="cuda")
+    _fit(profiler, max_steps=4, device="cuda")
+    (trace,) = profiler.traces
+    events = json.loads(trace.read_text(encoding="utf-8"))["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)
