@@ -18,8 +18,8 @@ callback is first used.
 | :class:`TimeLimit` | stops before a wall-clock limit, leaving time for the final checkpoint |
 | :class:`GradientNormMonitor` | logs the gradient norm every logging interval, without a sync per step |
 | :class:`ModelSummary` | prints the parameters per module at fit start |
-| ``lr_find`` | finds a learning rate by a short range test |
-| ``Profiler`` | profiles a few steps of a run |
+| :func:`lr_find` | finds a learning rate by a short range test |
+| :class:`Profiler` | writes ``torch.profiler`` traces of a few training steps |
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     from dltrain.callbacks.early_stopping import EarlyStopping
     from dltrain.callbacks.ema import EMA
     from dltrain.callbacks.grad_norm import GradientNormMonitor
+    from dltrain.callbacks.lr_finder import LRFindResult, lr_find
     from dltrain.callbacks.lr_monitor import LearningRateMonitor
     from dltrain.callbacks.model_summary import ModelSummary
+    from dltrain.callbacks.profiler import Profiler
     from dltrain.callbacks.time_limit import TimeLimit
 
 # Each public name and the module that defines it, imported on first access (PEP 562): a run
@@ -44,14 +46,16 @@ _LAZY = {
     "LearningRateMonitor": "dltrain.callbacks.lr_monitor",
     "ModelSummary": "dltrain.callbacks.model_summary",
     "TimeLimit": "dltrain.callbacks.time_limit",
-    "lr_find": "dltrain.callbacks.lr_find",
     "Profiler": "dltrain.callbacks.profiler",
+    "lr_find": "dltrain.callbacks.lr_finder",  # the module's name is not the function's:
+    "LRFindResult": "dltrain.callbacks.lr_finder",  # importing it never shadows the function
 }
 
 __all__ = [
     "EMA",
     "EarlyStopping",
     "GradientNormMonitor",
+    "LRFindResult",
     "LearningRateMonitor",
     "ModelSummary",
     "Profiler",
@@ -64,15 +68,7 @@ def __getattr__(name: str) -> Any:
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'dltrain.callbacks' has no attribute {name!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:  # the module exists, but something it imports does not
-            raise
-        raise AttributeError(
-            f"module 'dltrain.callbacks' has no attribute {name!r}: its module {module_name!r} is not "
-            f"part of this installation"
-        ) from None
+    module = importlib.import_module(module_name)
     value = getattr(module, name)
     globals()[name] = value  # later look-ups skip this function
     return value
