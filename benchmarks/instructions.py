@@ -10,6 +10,7 @@ set-up itself is the short run's total minus its steps' share.
 
     python benchmarks/instructions.py                 # 4 variants x 2 runs under callgrind (minutes)
     python benchmarks/instructions.py --steps 20      # a quicker, still exact, count
+    python benchmarks/instructions.py --variants plain dltrain ema   # what EMA adds to the default plugins
 
 Needs ``valgrind`` on the PATH. The last line is
 ``RESULT instruction_ratio=<default plugins / plain> bare_instruction_ratio=<bare / plain>``.
@@ -28,12 +29,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("plain", "dltrain", "bare", "manual")
+VARIANTS = ("plain", "dltrain", "bare", "manual", "ema")
+DEFAULT_VARIANTS = ("plain", "dltrain", "bare", "manual")
 LABELS = {
     "plain": "plain loop",
     "dltrain": "dltrain (default plugins)",
     "bare": "dltrain, bare (all built-ins off)",
     "manual": "dltrain, manual optimization (bare)",
+    "ema": "dltrain, EMA(decay=0.999)",
 }
 
 
@@ -80,6 +83,10 @@ def run_variant(variant: str, steps: int) -> None:
         "run_dir": tempfile.mkdtemp(),
         "autoload_plugins": False,
     }
+    if variant == "ema":
+        from dltrain.callbacks import EMA
+
+        settings["plugins"] = [EMA(decay=0.999)]
     if variant in ("bare", "manual"):
         settings = {
             "run_dir": None,
@@ -119,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=40, help="batches of the short epoch (the long one has 2x)"
     )
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--run", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:

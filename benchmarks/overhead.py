@@ -30,6 +30,8 @@ Variants:
   the training batches too, four more small tensor ops per step).
 - dltrain, bare: every built-in plugin disabled (``disable_plugins=BUILTIN_PLUGINS``);
   a four-line ``training_step`` plugin supplies the loss. The loop alone.
+- dltrain, EMA: the default plugins plus ``dltrain.callbacks.EMA(decay=0.999)``
+  (an exponential moving average of the weights, one fused update per step).
 - Lightning, Ignite: when installed.
 
     python benchmarks/overhead.py                   # 20 rounds on the full 60,000 images (8 min)
@@ -66,6 +68,7 @@ from _common import (
 from torch import nn
 
 import dltrain
+from dltrain.callbacks import EMA
 from dltrain.data import InMemoryLoader
 
 
@@ -212,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants["dltrain, bare (all built-ins off)"] = _dltrain(
         model, loader, device, disable_plugins=dltrain.BUILTIN_PLUGINS, plugins=[MinimalStep()]
     )
+    variants["dltrain, EMA(decay=0.999)"] = _dltrain(model, loader, device, plugins=[EMA(decay=0.999)])
     variants["Lightning"] = _lightning(model, loader, device)
     variants["Ignite"] = _ignite(model, loader, device)
     others = [name for name, fn in variants.items() if callable(fn)]

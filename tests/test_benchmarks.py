@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def _run(script: str, *args: str) -> tuple[str, dict[str, float]]:
     """Run a benchmark with ``--quick``; its output and the values of its RESULT line."""
     data_dir = os.environ.get("DLTRAIN_MNIST_DIR")
-    extra = ["--data-dir", data_dir] if data_dir and script != "import_time.py" else []
+    extra = ["--data-dir", data_dir] if data_dir and script in ("overhead.py", "mnist.py") else []
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", *extra, *args],
         capture_output=True,
@@ -57,6 +57,29 @@ def test_mnist_benchmark_reports_speedup_ratio_and_accuracy() -> None:
 def test_import_time_benchmark_reports_the_overhead() -> None:
     _, values = _run("import_time.py")
     assert set(values) == {"import_overhead_s"} and math.isfinite(values["import_overhead_s"])
+
+
+def test_ddp_benchmark_runs_under_torchrun_and_reports_the_ratio() -> None:
+    out, values = _run("ddp.py")
+    assert set(values) == {"ddp_overhead_ratio"} and values["ddp_overhead_ratio"] > 0
+    assert "plain DDP loop" in out and "processes: 2 (torchrun, gloo" in out
+
+
+def test_instruction_benchmark_runs_its_variants() -> None:
+    """The counting itself needs valgrind and minutes; here each variant's body runs once."""
+    for variant in ("plain", "dltrain", "bare", "manual"):
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "instructions.py"), "--run", variant, "--steps", "2"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+
+def test_checkpoint_benchmark_reports_the_stall_and_memory_ratios() -> None:
+    out, values = _run("checkpoint.py")
+    assert set(values) == {"stall_ratio", "memory_ratio"}
+    assert all(v > 0 and math.isfinite(v) for v in values.values())
+    assert "bare torch.save s" in out and "verify s (read+sha256)" in out
 
 
 def test_resume_benchmark_reports_fast_forward_against_replay() -> None:

@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from dltrain.checkpoint import (
     verify_checkpoint,
 )
 from dltrain.checkpoint.__main__ import main as cli
+from dltrain.checkpoint._directory import STALE_AFTER_S, host_name
 from dltrain.checkpoint._io import write_manifest
 
 
@@ -147,8 +149,13 @@ def test_files_that_are_not_checkpoints_are_never_touched(tmp_path: Path) -> Non
 
 def test_leftovers_of_an_interrupted_save_are_removed_by_the_next_save(tmp_path: Path) -> None:
     save(tmp_path, 1)
-    (tmp_path / ".tmp-step-000000002.ckpt-999").write_bytes(b"half")
-    (tmp_path / "step-000000002.ckpt").write_bytes(b"payload without manifest")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a writer that has exited
+    gone.wait()
+    (tmp_path / f".tmp-step-000000002.ckpt~{host_name()}~{gone.pid}").write_bytes(b"half")
+    orphan = tmp_path / "step-000000002.ckpt"
+    orphan.write_bytes(b"payload without manifest")
+    long_ago = time.time() - STALE_AFTER_S - 1  # no writer can be about to commit it
+    os.utime(orphan, (long_ago, long_ago))
     assert [i.global_step for i in list_checkpoints(tmp_path)] == [1]
     save(tmp_path, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [

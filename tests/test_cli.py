@@ -321,3 +321,30 @@ def test_the_mnist_config_without_data_says_what_to_set_in_the_run_file(
     assert "nowhere" in err and "does not exist" in err
     assert "$DLTRAIN_MNIST_DIR" in err and "download: true" in err and " ".join(fix) in err
     assert "--download " not in err and "--data-dir" not in err  # flags of the scripts, not of dltrain fit
+
+
+def test_version_is_the_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    import dltrain
+
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dltrain {expected}"
+    assert dltrain.__version__ == expected
+
+
+def test_verify_resume_checks_a_run_file(
+    mnist_fake_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DLTRAIN_MNIST_DIR", str(mnist_fake_dir))
+    config = ROOT / "examples" / "mnist" / "config.yaml"
+    try:
+        code = main(["verify-resume", "--config", str(config), "--steps", "5", "--interrupt-at", "2",
+                     "--trainer.device", "cpu"])  # fmt: skip
+    finally:
+        for name in ("mnist_model", "mnist_run", "mnist_data"):
+            sys.modules.pop(name, None)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.startswith("resume at step 2 of 5: exact (")

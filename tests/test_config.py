@@ -21,7 +21,7 @@ from dltrain import ConfigError, TrainerConfig
         ({"device": "tpu"}, "device", "'auto', 'cpu', 'cuda', 'cuda:N'"),
         ({"precision": "8"}, "precision", "'32', 'bf16-mixed' or '16-mixed'"),
         ({"max_epoch": 3}, "max_epoch", "did you mean 'max_epochs'"),
-        ({"on_nonfinite": "ignore"}, "on_nonfinite", "'raise', 'skip' or 'stop'"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite", "'raise', 'skip', 'stop' or 'rollback'"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(fields: dict, field_name: str, hint: str) -> None:

@@ -91,6 +91,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "sequential": runs.fit_sequential(),
         "in_memory": runs.fit_in_memory_shuffled(),
         "accumulating": runs.fit_accumulating(),
+        "rolling_back": runs.fit_rolling_back(str(directory / "rollback")),
         "checkpoint": list_checkpoints(directory / "checkpoints")[-1].payload_path,
     }
 
@@ -203,6 +204,19 @@ def test_accumulation_skips_the_all_reduce_of_micro_batches_that_do_not_step(
         assert [calls for micro_step, calls in acc["by_batch"] if micro_step == 1] == [0] * 12
         assert all(calls > 0 for micro_step, calls in acc["by_batch"] if micro_step == 0)
         _close(acc["weights"], single["accumulating"]["weights"])
+
+
+@needs_distributed
+def test_a_nan_on_one_rank_rolls_every_rank_back_together_with_one_process_result(
+    ddp: dict[str, Any], single: dict[str, Any]
+) -> None:
+    rank0, rank1 = (r["rolling_back"] for r in ddp["ranks"])
+    assert rank0["rollbacks"] == rank1["rollbacks"] == single["rolling_back"]["rollbacks"] == 1
+    # 2 epochs of 6 steps, the poisoned batch skipped once: 11 steps, everywhere.
+    assert rank0["steps"] == rank1["steps"] == single["rolling_back"]["steps"] == 11
+    _close(rank0["weights"], rank1["weights"], atol=0)
+    assert all(bool(torch.isfinite(w).all()) for w in rank0["weights"].values())
+    _close(rank0["weights"], single["rolling_back"]["weights"])
 
 
 @needs_distributed

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dltrain._epoch_data import EpochData
+from dltrain._nonfinite import RollbackNeeded
 from dltrain._precision import Precision
+from dltrain._rollback import roll_back
 from dltrain._running import RunningMean
 from dltrain._step_runner import StepRunner
 from dltrain.default_plugins.step import batch_size_of
@@ -61,12 +63,20 @@ class Driver:
         self.data = EpochData(self.config.limit_train_batches)
         self.resumed = False
         self.step_losses: dict[str, RunningMean] = {}  # the losses since the last on_step_metrics
+        self.skip_batches: set[tuple[int, int]] = set()  # (epoch, batch_idx) a rollback skips
+        self.last_restored_step = -1  # the global step of the checkpoint the last rollback restored
 
     # -- resume ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The run's position (counters, stage, metrics) and what replays its data order."""
-        return {**self.state.position(), **self.data.state_dict(self.trainer._train_data)}
+        """The run's position (counters, stage, metrics), what replays its data order, and the
+        batches a rollback skips."""
+        skip = [list(b) for b in sorted(self.skip_batches)]
+        return {
+            **self.state.position(),
+            **self.data.state_dict(self.trainer._train_data),
+            "skip_batches": skip,
+        }
 
     def load_state_dict(self, saved: dict[str, Any], rng: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict` (``rng`` is the random state at the save)."""
@@ -76,13 +86,31 @@ class Driver:
         state.skipped_steps = int(saved.get("skipped_steps", 0))
         state.stage = Stage(saved["stage"])
         state.metrics = {str(k): float(v) for k, v in (saved.get("metrics") or {}).items()}
+        self.skip_batches |= {(int(e), int(b)) for e, b in saved.get("skip_batches") or ()}
         self.data.load_state_dict(saved, rng)
         self.resumed = True
 
     # -- fit ------------------------------------------------------------------------
 
     def fit(self, train_data: Iterable[Any], val_data: Iterable[Any] | None) -> None:
-        """Run epochs until a limit or an agreed stop; the order is in :mod:`dltrain.hookspecs`."""
+        """Run epochs until a limit or an agreed stop; the order is in :mod:`dltrain.hookspecs`.
+
+        Under ``on_nonfinite="rollback"`` a non-finite value restores the newest
+        checkpoint (see :mod:`dltrain._rollback`) and the epochs go on from there.
+        """
+        while True:
+            try:
+                return self._fit(train_data, val_data)
+            except RollbackNeeded as needed:
+                roll_back(self, needed.problem)
+
+    def after_rollback(self) -> None:
+        """A rollback restored the run's state (``load_state_dict``): start over from its position."""
+        if self.runner is not None:
+            self.runner.reset()
+        self.step_losses.clear()
+
+    def _fit(self, train_data: Iterable[Any], val_data: Iterable[Any] | None) -> None:
         state = self.state
         resuming, self.resumed = (state.stage if self.resumed else None), False
         if resuming is Stage.DONE:
@@ -184,9 +212,11 @@ class Driver:
         on_end, on_log = h.get("on_train_batch_end"), h.get("on_step_metrics")
         log_every = self.config.log_every_n_steps
         agree = h.get("agree_on_stop")  # None in one process: a local stop request stands
-        seen, completed = False, True
+        seen, completed, skip = False, True, self.skip_batches
         for batch_idx, batch in enumerate(batches, first):
             seen = True
+            if skip and (state.epoch, batch_idx) in skip:  # a rollback's culprit (an empty set costs nothing)
+                continue
             batch, output = self._train_batch(batch_idx, batch, last_idx)
             if on_end is not None:
                 on_end(trainer=trainer, state=state, batch=batch, output=output)

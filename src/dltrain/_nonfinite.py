@@ -1,4 +1,4 @@
-"""The non-finite loss policy (``on_nonfinite``): raise, skip or stop.
+"""The non-finite loss policy (``on_nonfinite``): raise, skip, stop or roll back.
 
 "raise" and "stop" cost no host sync per step: each micro-batch's loss is
 kept on the device (a detached reference, no kernel), and the losses of the
@@ -13,6 +13,7 @@ one sync per step (on an accelerator; a float16 GradScaler does the same).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,7 @@ from dltrain._running import stack_scalars
 from dltrain.errors import NonFiniteError
 from dltrain.state import State
 
-__all__ = ["NonFiniteGuard", "finite_flags"]
+__all__ = ["NonFiniteGuard", "Problem", "RollbackNeeded", "finite_flags"]
 
 _ADVICE = (
     "Lower the learning rate, clip gradients (gradient_clip_val), check that batch for NaN or inf, "
@@ -52,6 +53,29 @@ def finite_flags(
     return full_tensor() if callable(full_tensor) else flags
 
 
+@dataclass(frozen=True)
+class Problem:
+    """A non-finite value found by :meth:`NonFiniteGuard.check`.
+
+    Attributes:
+        text: What went wrong and where, for people.
+        culprit: ``(epoch, batch_idx)`` of the first batch whose loss was not finite, if one was.
+        since: The global step the checked window began at: the problem arose after it.
+    """
+
+    text: str
+    culprit: tuple[int, int] | None
+    since: int
+
+
+class RollbackNeeded(Exception):
+    """Raised by the step runner under ``on_nonfinite="rollback"``; the driver catches it and rolls back."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.text)
+        self.problem = problem
+
+
 class NonFiniteGuard:
     """Watches the losses of one run and applies the policy.
 
@@ -62,7 +86,7 @@ class NonFiniteGuard:
     :meth:`grads_finite` before every step.
 
     Args:
-        policy: ``"raise"``, ``"skip"`` or ``"stop"`` (``TrainerConfig.on_nonfinite``).
+        policy: ``"raise"``, ``"skip"``, ``"stop"`` or ``"rollback"`` (``TrainerConfig.on_nonfinite``).
     """
 
     def __init__(self, policy: str) -> None:
@@ -90,15 +114,20 @@ class NonFiniteGuard:
         grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
         return not grads or bool(finite_flags(grads, grads[0].device).all())
 
-    def check(self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]) -> None:
+    def check(
+        self, state: State, model: torch.nn.Module, request_stop: Callable[[str], None]
+    ) -> Problem | None:
         """Read the watched losses and the weights (one sync); raise or request a stop if not finite.
+
+        Returns:
+            For policy "rollback", what went wrong (the caller rolls back); else None.
 
         Raises:
             NonFiniteError: policy "raise" and a loss or weight is NaN or infinite.
         """
         window, where = self.window, self.where
         if self.skips or not window:
-            return
+            return None
         losses = stack_scalars(window).float()
         since = where[0][2]
         positions = list(where)
@@ -111,15 +140,17 @@ class NonFiniteGuard:
         else:
             flags = loss_ok
         if bool(flags.all()):  # the one sync of a good window
-            return
+            return None
         bad_weights = [
             n for (n, _), ok in zip(named, flags[loss_ok.numel() :].tolist(), strict=True) if not ok
         ]
         bad_losses = (~loss_ok).nonzero().flatten().tolist()
         weights = f"; non-finite weights now in: {bad_weights[:5]}" if bad_weights else ""
+        culprit: tuple[int, int] | None = None
         if bad_losses:
             first = bad_losses[0]
             epoch, batch, step = positions[first]
+            culprit = (epoch, batch)
             value = float(losses[first])
             others = len(bad_losses) - 1
             head = f"non-finite loss ({value})" if self.policy == "stop" else f"the loss became {value}"
@@ -137,9 +168,11 @@ class NonFiniteGuard:
                 f"non-finite weights in {bad_weights[:5]} after global step {state.global_step}, though "
                 f"every loss since global step {since} was finite: a gradient was NaN or inf"
             )
+        if self.policy == "rollback":
+            return Problem(problem, culprit, since)
         if self.policy == "stop":
             request_stop(problem)
-            return
+            return None
         raise NonFiniteError(
             f"{problem}. {_ADVICE}. Losses are checked every log_every_n_steps optimizer steps and at each "
             f"epoch's end (this check at global step {state.global_step}); log_every_n_steps=1 stops at once."

@@ -282,6 +282,10 @@ class PluginManager:
         """The registered plugins, in registration order."""
         return list(self._info.values())
 
+    def user_plugins(self) -> list[object]:
+        """The plugins registered by the user (``Trainer(plugins=[...])``), in registration order."""
+        return [self._pm.get_plugin(name) for name, info in self._info.items() if info.source == "user"]
+
     def get_plugin(self, name: str) -> object | None:
         """The plugin registered under ``name``, or None."""
         return self._pm.get_plugin(name)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dltrain._nonfinite import NonFiniteGuard
+from dltrain._nonfinite import NonFiniteGuard, Problem, RollbackNeeded
 from dltrain.errors import StepError
 from dltrain.state import State, StepOutput
 
@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from dltrain.trainer import Trainer
 
 __all__ = ["StepRunner", "grad_sync_switch"]
+
+
+def _position(where: tuple[int, int]) -> int:
+    """``(epoch, batch_idx)`` as one integer that orders like the pair."""
+    return where[0] * 2**31 + where[1]
 
 
 def grad_sync_switch(model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager[Any]] | None:
@@ -236,11 +241,38 @@ class StepRunner:
     # -- the non-finite policy ------------------------------------------------------------
 
     def check_nonfinite(self) -> None:
-        """Apply the non-finite policy to the losses since the last check (one host sync)."""
+        """Apply the non-finite policy to the losses since the last check (one host sync).
+
+        Raises:
+            RollbackNeeded: policy "rollback" and some process found a non-finite value (all
+                processes raise it at the same check, agreeing on the batch that came first).
+        """
         from dltrain._loop import unwrap_model
 
         trainer = self.trainer
-        self.guard.check(self.state, unwrap_model(trainer.model), trainer.request_stop)
+        problem = self.guard.check(self.state, unwrap_model(trainer.model), trainer.request_stop)
+        if self.guard.policy == "rollback":
+            problem = self._agree_on_problem(problem)
+            if problem is not None:
+                raise RollbackNeeded(problem)
+
+    def _agree_on_problem(self, problem: Problem | None) -> Problem | None:
+        """The problem any process found, the same in all: the earliest culprit batch, the earliest window."""
+        never = -(2**62)
+        mine = [
+            int(problem is not None),
+            -_position(problem.culprit) if problem is not None and problem.culprit is not None else never,
+            -problem.since if problem is not None else never,
+        ]
+        agreed = self.trainer._hooks.call_first(
+            "agree_on_max", trainer=self.trainer, state=self.state, values=mine
+        )
+        found, culprit, since = mine if agreed is None else agreed
+        if not found:
+            return None
+        where = None if culprit == never else divmod(-culprit, 2**31)
+        text = problem.text if problem is not None else "a non-finite value in another process"
+        return Problem(text, where, -since)
 
     def grads_are_state(self) -> bool:
         """Whether the parameters' gradients are part of the run's state now: mid accumulation
@@ -251,6 +283,13 @@ class StepRunner:
         """Whether the gradients now are this process's alone (mid group, under ``no_sync``), so a
         checkpoint must average them across processes to hold what a synced backward would."""
         return self._sync_switch is not None and self.state.micro_step > 0
+
+    def reset(self) -> None:
+        """Forget the batch in progress (after a rollback restored an earlier state)."""
+        self.close()
+        self._scaled_steps = self._skipping = self._skip_counted = False
+        self.guard.window.clear()
+        self.guard.where.clear()
 
     def close(self) -> None:
         """Leave ``no_sync`` if a batch ended with an exception inside it."""

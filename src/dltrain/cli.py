@@ -3,6 +3,7 @@
 ```
 dltrain fit --config run.yaml [--trainer.max_epochs 3 ...] [--print-config]
 dltrain plugins [--config run.yaml]
+dltrain verify-resume --config run.yaml [--steps 20] [--interrupt-at 10] [--fresh-process] [overrides]
 dltrain config-schema
 dltrain plot RUN_DIR [--out curves.png]
 ```
@@ -10,7 +11,8 @@ dltrain plot RUN_DIR [--out curves.png]
 ``fit`` trains what a run file names (see :mod:`dltrain.run_config`);
 overrides are dotted keys of that file and may come before or after
 ``--config``. ``plugins`` lists the registered plugins and the hooks each
-implements; ``config-schema`` prints the JSON schema of the run file;
+implements; ``verify-resume`` checks that the run file's program resumes from
+a checkpoint bit for bit (see :mod:`dltrain.verify`); ``config-schema`` prints the JSON schema of the run file;
 ``plot`` draws a run folder's learning curves to a PNG.
 
 Exit status: 0 on success, 2 for a configuration error (the message names
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from dltrain._markers import hookimpl
+from dltrain._markers import DISTRIBUTION, hookimpl
 from dltrain.errors import ConfigError, DltrainError
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ overrides: any key of the run file as --dotted.key VALUE or --dotted.key=VALUE, 
 or after --config; VALUE is read as YAML (3, 0.1, null, true, [1, 2], {a: 1}). Examples:
   dltrain fit --config run.yaml --trainer.max_epochs 3 --optimizer.init_args.lr 0.1
   dltrain fit --trainer.device=cpu --config run.yaml --print-config
+  dltrain fit --config run.yaml --resume last       # continue from the newest checkpoint
   dltrain fit --config run.yaml --trainer.checkpoint.dir ckpt --resume auto   # a requeued job
 """
 
@@ -75,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     plugins.add_argument("--config", "-c", metavar="FILE", help="use the trainer section of this run file")
+    verify = commands.add_parser(
+        "verify-resume",
+        help="check that a run file's program resumes from a checkpoint bit for bit",
+        description="Train the run file's program N steps straight; then K steps, a checkpoint and a "
+        "resume; compare everything both runs end with, and name the first difference.",
+        allow_abbrev=False,
+    )
+    verify.add_argument("--config", "-c", metavar="FILE", required=True, help="the run file")
+    verify.add_argument("--steps", type=int, default=20, help="optimizer steps of the straight run (20)")
+    verify.add_argument("--interrupt-at", type=int, default=None, help="the step to interrupt after (half)")
+    verify.add_argument("--fresh-process", action="store_true", help="resume in a new process")
     commands.add_parser("config-schema", help="print the JSON schema of the run file", allow_abbrev=False)
     plot = commands.add_parser(
         "plot", help="draw a run folder's learning curves to a PNG", allow_abbrev=False
@@ -95,18 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version:
         from importlib.metadata import version
 
-        print(f"dltrain {version('dltrain')}")
+        print(f"dltrain {version(DISTRIBUTION)}")
         return 0
     if args.command is None:
         parser.print_help()
         return 2
-    if extra and args.command != "fit":
+    if extra and args.command not in ("fit", "verify-resume"):
         parser.error(f"unrecognized arguments for {args.command!r}: {' '.join(extra)}")
     try:
         if args.command == "fit":
             return _fit(args.config, extra, print_config=args.print_config)
         if args.command == "plugins":
             return _plugins(args.config)
+        if args.command == "verify-resume":
+            return _verify_resume(args.config, extra, args.steps, args.interrupt_at, fresh=args.fresh_process)
         if args.command == "config-schema":
             return _config_schema()
         return _plot(args.run_dir, args.out)
@@ -184,7 +200,7 @@ def _build_and_fit(run: RunConfig) -> tuple[Trainer, dict[str, float] | None]:
     import torch
 
     from dltrain._rng import seed_everything
-    from dltrain.run_config import build
+    from dltrain.run_config import build, build_plugins
     from dltrain.trainer import Trainer
 
     if run.seed is not None:
@@ -206,7 +222,8 @@ def _build_and_fit(run: RunConfig) -> tuple[Trainer, dict[str, float] | None]:
     train = build(run.data.train, "data.train")
     val = build(run.data.val, "data.val") if run.data.val is not None else None
     test = build(run.data.test, "data.test") if run.data.test is not None else None
-    trainer = Trainer(run.trainer, plugins=[_RunFileWriter(run)])
+    plugins = build_plugins(run.plugins)
+    trainer = Trainer(run.trainer, plugins=[*plugins, _RunFileWriter(run)])
     trainer.fit(
         model,
         train,
@@ -220,33 +237,96 @@ def _build_and_fit(run: RunConfig) -> tuple[Trainer, dict[str, float] | None]:
     return trainer, result
 
 
+class RunFileParts:
+    """Builds the parts of a run file anew each call: what :func:`dltrain.verify.verify_resume` needs.
+
+    Picklable (it holds the validated run file), so a resume in a fresh process can rebuild them.
+    """
+
+    def __init__(self, run: RunConfig, config_path: str) -> None:
+        self.run, self.config_path = run, config_path
+
+    def model(self) -> Any:
+        """The model the run file names."""
+        from dltrain.run_config import add_import_dirs, build
+
+        add_import_dirs(self.config_path)
+        return build(self.run.model, "model")
+
+    def optimizer(self, model: Any) -> Any:
+        """The optimizer the run file names, over ``model``'s parameters."""
+        from dltrain.run_config import build
+
+        return build(self.run.optimizer, "optimizer", model.parameters())
+
+    def scheduler(self, optimizer: Any) -> Any:
+        """The scheduler the run file names, of ``optimizer``."""
+        from dltrain.run_config import build
+
+        return build(self.run.scheduler, "scheduler", optimizer) if self.run.scheduler is not None else None
+
+
+def _verify_resume(
+    config: str, override_tokens: Sequence[str], steps: int, interrupt_at: int | None, *, fresh: bool
+) -> int:
+    from dltrain.run_config import add_import_dirs, build, load_run_config, parse_overrides
+    from dltrain.trainer import Trainer
+
+    run = load_run_config(config, parse_overrides(override_tokens))
+    add_import_dirs(config)
+    parts = RunFileParts(run, config)
+    trainer_config = run.trainer.model_copy(
+        update={"seed": run.seed if run.seed is not None else run.trainer.seed}
+    )
+    loss_fn = build(run.loss, "loss", as_is_if_function=True) if run.loss is not None else None
+    train = build(run.data.train, "data.train")
+    val = build(run.data.val, "data.val") if run.data.val is not None else None
+    report = Trainer(trainer_config).verify_resume(
+        parts.model, train, optimizer_factory=parts.optimizer, loss_fn=loss_fn,
+        scheduler_factory=parts.scheduler if run.scheduler is not None else None, val_data=val,
+        steps=steps, interrupt_at=interrupt_at, fresh_process=fresh,
+    )  # fmt: skip
+    print(report)
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------------------
 # plugins, config-schema, plot
 # ---------------------------------------------------------------------------
 
 
 def _plugins(config: str | None) -> int:
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
     from dltrain._plugin_manager import hookspecs_in_order
     from dltrain.config import TrainerConfig
-    from dltrain.run_config import read_run_file
+    from dltrain.run_config import (
+        ComponentSpec,
+        add_import_dirs,
+        build_plugins,
+        format_validation_error,
+        read_run_file,
+    )
     from dltrain.trainer import Trainer
 
     section: dict[str, Any] = {}
+    plugin_specs: Any = []
     if config is not None:
         data = read_run_file(config)
-        # A run file: its trainer section (possibly absent); else a TrainerConfig file.
-        is_run_file = "trainer" in data or bool(set(data) & {"model", "optimizer", "data"})
+        # A run file: its trainer section (possibly absent) and its plugins; else a TrainerConfig file.
+        is_run_file = bool(set(data) & {"trainer", "model", "optimizer", "data", "plugins"})
         section = dict(data.get("trainer") or {}) if is_run_file else data
+        plugin_specs = (data.get("plugins") or []) if is_run_file else []
     try:
         trainer_config = TrainerConfig.model_validate(section)
+        specs = TypeAdapter(list[ComponentSpec]).validate_python(plugin_specs)
     except ValidationError as exc:
-        from dltrain.run_config import format_validation_error
-
-        message = format_validation_error(exc, repr(config), prefix="trainer")
+        prefix = "trainer" if exc.title == TrainerConfig.__name__ else "plugins"
+        message = format_validation_error(exc, repr(config), prefix=prefix)
         raise ConfigError(f"invalid run configuration:\n{message}") from None
-    manager = Trainer(trainer_config).plugin_manager
+    add_import_dirs(config)
+    plugins = build_plugins(specs)
+    manager = Trainer(trainer_config, plugins=plugins).plugin_manager
     order = {name: i for i, name in enumerate(hookspecs_in_order())}
     infos = manager.plugins()
     width = max([len(i.name) for i in infos] + [4])

@@ -112,6 +112,12 @@ class CheckpointConfig(_Strict):
     keep_best: NonNegativeInt = Field(
         default=1, description="How many of the best (by `monitor`) to keep as well."
     )
+    async_save: bool = Field(
+        default=True,
+        description="Write checkpoints in a background thread: training goes on once the state is "
+        "copied to CPU memory (one extra copy of the model and optimizer state, kept between saves). "
+        "False: training waits for each save to be written.",
+    )
 
 
 class CompileOptions(_Strict):
@@ -195,9 +201,20 @@ class TrainerConfig(_Strict):
         "trainer.optimizer_step(name) (GANs, custom update rules); False: the Trainer does backward and "
         "steps every optimizer.",
     )
-    on_nonfinite: Literal["raise", "skip", "stop"] = Field(
+    on_nonfinite: Literal["raise", "skip", "stop", "rollback"] = Field(
         default="raise",
-        description="What a NaN/inf loss does: raise, skip the step, or stop the run.",
+        description="What a NaN/inf loss or weight does: raise, skip the step, stop the run, or roll back "
+        "to the newest checkpoint, skip the batch that caused it and go on (needs checkpoint).",
+    )
+    rollback_lr_scale: PositiveFloat = Field(
+        default=1.0,
+        description="With on_nonfinite='rollback': multiply every learning rate by this at each rollback "
+        "(e.g. 0.5); 1.0 keeps them.",
+    )
+    max_rollbacks: PositiveInt = Field(
+        default=3,
+        description="With on_nonfinite='rollback': give up (a NonFiniteError, the model left at the newest "
+        "checkpoint) at the rollback after this many.",
     )
 
     # --- where --------------------------------------------------------------
@@ -333,6 +350,15 @@ class TrainerConfig(_Strict):
         if isinstance(self.compile, CompileOptions):
             return self.compile
         return CompileOptions() if self.compile else None
+
+    @model_validator(mode="after")
+    def _rollback_needs_checkpoints(self) -> TrainerConfig:
+        if self.on_nonfinite == "rollback" and self.checkpoint is None:
+            raise ValueError(
+                "on_nonfinite='rollback' restores the newest checkpoint, but checkpointing is off: set "
+                "checkpoint={'dir': ..., 'every_n_steps': N} (a rollback goes back at most N steps)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_length(self) -> TrainerConfig:

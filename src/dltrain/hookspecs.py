@@ -241,6 +241,36 @@ def agree_on_stop(trainer: Trainer, state: State, blocking: bool) -> bool | None
     """
 
 
+@hookspec(firstresult=True)
+def agree_on_max(trainer: Trainer, state: State, values: list[int]) -> list[int] | None:
+    """The elementwise maximum of ``values`` over every process of the run. **First result wins.**
+
+    A blocking collective, called by the loop in every process at the same
+    point, for decisions all processes must take alike and that depend on
+    what each saw: with ``on_nonfinite="rollback"``, at each non-finite check
+    (every ``log_every_n_steps`` steps and at each epoch's end), whether any
+    process found a non-finite value and which batch came first. The built-in
+    ``distributed`` plugin answers under torchrun.
+
+    Returns:
+        The elementwise maxima, or None (one process: ``values`` stand).
+    """
+
+
+@hookspec
+def on_rollback(trainer: Trainer, state: State, checkpoint: str, reason: str) -> None:
+    """Called after ``on_nonfinite="rollback"`` restored a checkpoint, in every process.
+
+    The run's state (model, optimizers, plugins' ``load_state_dict``, position,
+    random state) is the checkpoint's again; training goes on from there,
+    skipping the batch that caused the non-finite value. Loggers note it here.
+
+    Args:
+        checkpoint: The ``.ckpt`` file restored.
+        reason: What was not finite, and where.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Epochs
 # ---------------------------------------------------------------------------

@@ -4,7 +4,12 @@ Reads the ``metrics.jsonl`` the ``metric_log`` plugin writes and draws one
 panel per metric (loss first): the training and validation values per
 epoch, the step-level training loss as a thin line behind them, the test
 value (when the run was tested) as a star after the last epoch, and the
-learning rate when it changed during the run.
+step metrics plugins add (``compute_step_metrics``), one panel per kind:
+the learning rates (the Trainer's ``lr`` when it changed during the run,
+and every series of :class:`~dltrain.callbacks.LearningRateMonitor`), the
+momentum and betas, the gradient norms, and any other step metric. An epoch
+metric that is also a step metric (``train_lr-default/group0``) is drawn from
+the finer step rows.
 
 Needs matplotlib (``pip install 'torch-dltrain[plot]'``), imported only when a
 plot is drawn. It draws with the Agg canvas directly, so it works without a
@@ -13,6 +18,7 @@ display and leaves pyplot's global backend alone.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from typing import Any
 from dltrain.default_plugins.metric_log import METRICS_FILE, read_metrics
 from dltrain.errors import ConfigError, DltrainError
 
-__all__ = ["find_run", "plot_run"]
+__all__ = ["find_run", "plot_run", "step_panel", "step_series"]
 
 _PREFIXES = ("train", "val", "test")
 _STYLE = {
@@ -28,6 +34,45 @@ _STYLE = {
     "val": {"color": "tab:orange", "marker": "s", "label": "validation"},
 }
 _NOT_METRICS = frozenset({"kind", "epoch", "step", "time", "lr"})
+_ROW_KEYS = frozenset({"kind", "epoch", "step", "time"})
+LEARNING_RATE = "learning rate"
+
+
+def step_panel(name: str) -> str:
+    """The panel of a step metric: the learning rates together, momentum and betas together,
+    else the metric's name up to its first ``-`` or ``/`` (``grad_norm_layer/fc1`` -> ``grad norm layer``)."""
+    if name == "lr" or name.startswith(("lr_", "lr-")):
+        return LEARNING_RATE
+    if name.startswith(("momentum-", "beta1-", "beta2-")):
+        return "momentum and betas"
+    return re.split(r"[-/]", name, maxsplit=1)[0].replace("_", " ")
+
+
+def step_series(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The step metrics of ``rows`` other than the losses, grouped by panel (see :func:`step_panel`).
+
+    The Trainer's own ``lr``/``lr_<optimizer>`` (the first group's) are left out when a
+    learning-rate monitor's series are there, and when they never changed.
+    """
+    names: dict[str, None] = {}
+    for row in rows:
+        if row.get("kind") != "step":
+            continue
+        for name, value in row.items():
+            if name in _ROW_KEYS or _split(name) is not None or not isinstance(value, (int, float)):
+                continue
+            names[name] = None
+    panels: dict[str, list[str]] = {}
+    for name in names:
+        panels.setdefault(step_panel(name), []).append(name)
+    own = [n for n in panels.get(LEARNING_RATE, []) if n == "lr" or n.startswith("lr_")]
+    if own and len(own) < len(panels[LEARNING_RATE]):  # a monitor's series say it all, per group
+        panels[LEARNING_RATE] = [n for n in panels[LEARNING_RATE] if n not in own]
+    elif own:
+        changed = any(len({r[n] for r in rows if r.get("kind") == "step" and n in r}) > 1 for n in own)
+        if not changed:
+            del panels[LEARNING_RATE]
+    return panels
 
 
 def find_run(run_dir: str | Path) -> Path:
@@ -119,6 +164,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             )
         raise ConfigError(f"run {str(run)!r} has no metrics yet: {METRICS_FILE} holds no epoch or step rows")
 
+    panels = step_series(rows)
+    from_steps = {name for names in panels.values() for name in names}
     # base metric name -> prefix -> [(epoch, value)]
     curves: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for row in epoch_rows:
@@ -126,6 +173,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             split = _split(name)
             if split is None or name in _NOT_METRICS or not isinstance(value, (int, float)):
                 continue
+            if split[0] == "train" and split[1] in from_steps:
+                continue  # drawn from the step rows
             curves[split[1]][split[0]].append((float(row["epoch"]), float(value)))
     finals: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for row in test_rows:
@@ -135,16 +184,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 finals[split[1]].append((split[0], float(value)))
     if step_rows and "loss" not in curves:
         curves["loss"] = defaultdict(list)
-    lrs = [float(r["lr"]) for r in step_rows if isinstance(r.get("lr"), (int, float))]
-    show_lr = len(set(lrs)) > 1
-
     names = sorted(curves, key=lambda n: (n != "loss", n))
-    panels = len(names) + (1 if show_lr else 0)
-    cols = min(panels, 3)
-    nrows = (panels + cols - 1) // cols
+    titles = sorted(panels, key=lambda t: (t != LEARNING_RATE, t))
+    count = len(names) + len(titles)
+    cols = min(count, 3)
+    nrows = (count + cols - 1) // cols
     fig = Figure(figsize=(4.8 * cols, 3.6 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(nrows, cols, i + 1) for i in range(panels)]
+    axes = [fig.add_subplot(nrows, cols, i + 1) for i in range(count)]
     xs, ys = _step_to_epoch(epoch_rows)
     last_epoch = max((float(r["epoch"]) for r in epoch_rows), default=1.0)
 
@@ -186,12 +233,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         if epoch_rows and last_epoch <= 20:
             ax.set_xticks(range(0, int(last_epoch) + 1))
         ax.legend(fontsize="small")
-    if show_lr:
-        ax = axes[len(names)]
-        ax.plot([_interp(float(r["step"]), xs, ys) if xs else float(r["step"]) for r in step_rows], lrs)
-        ax.set_title("learning rate")
-        ax.set_xlabel("epoch")
+    every_step = [r for r in rows if r.get("kind") == "step" and isinstance(r.get("step"), int)]
+    for ax, title in zip(axes[len(names) :], titles, strict=True):
+        for name in panels[title]:
+            logged = [r for r in every_step if isinstance(r.get(name), (int, float))]
+            ax.plot(
+                [_interp(float(r["step"]), xs, ys) if xs else float(r["step"]) for r in logged],
+                [float(r[name]) for r in logged],
+                linewidth=1.2,
+                label=name,
+            )
+        ax.set_title(title)
+        ax.set_xlabel("epoch" if xs else "step")
         ax.grid(True, alpha=0.3)
+        if len(panels[title]) > 1:
+            ax.legend(fontsize="x-small", ncol=1 + len(panels[title]) // 8)
     fig.suptitle(f"run {run.name}")
 
     target = Path(out) if out is not None else run / "curves.png"

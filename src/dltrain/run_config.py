@@ -18,14 +18,20 @@ data:
   train: {class_path: my_project.data:train_loader, init_args: {batch_size: 64}}
   val: {class_path: my_project.data:val_loader}      # optional
   test: {class_path: my_project.data:test_loader}    # optional, run after fit
-resume: auto                             # optional: continue from trainer.checkpoint.dir's newest
+plugins:                                 # optional: plugin instances, registered after the built-ins
+  - class_path: dltrain.callbacks:EarlyStopping
+    init_args: {monitor: val_loss, patience: 3}
+  - class_path: dltrain.callbacks:LearningRateMonitor
+resume: auto                             # optional: 'auto', 'last', 'best' or a checkpoint's path
 ```
 
 Every value is validated by pydantic, and every error names the key it is
 about (``model.class_path: cannot import 'foo.Bar': module 'foo' not found``).
 Command-line overrides (``--trainer.max_epochs 3``) are dotted keys whose
 values are parsed as YAML scalars; an unknown key is an error that names the
-closest valid one.
+closest valid one. An entry of a list is named by its index
+(``--plugins.0.init_args.patience 5``), a whole list by its key
+(``--plugins '[{class_path: "dltrain.callbacks:EMA"}]'``).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ __all__ = [
     "apply_overrides",
     "add_import_dirs",
     "build",
+    "build_plugins",
     "format_validation_error",
     "import_object",
     "load_run_config",
@@ -107,11 +114,16 @@ class RunConfig(_Strict):
         default=None, description="An LR scheduler class, called with the optimizer first."
     )
     data: DataSpec = Field(description="The data factories.")
+    plugins: list[ComponentSpec] = Field(
+        default_factory=list,
+        description="Plugins to register after the built-ins, each called with init_args "
+        "(e.g. dltrain.callbacks:EarlyStopping).",
+    )
     resume: str | None = Field(
         default=None,
         description="Continue from a checkpoint of trainer.checkpoint.dir: 'auto' (the newest when there "
         "is one, else start fresh: the same command for every run of a requeued job), 'last', 'best', "
-        "or a checkpoint's path.",
+        "or a checkpoint's path (e.g. --resume last in the next job after a TimeLimit stop).",
     )
 
 
@@ -121,13 +133,24 @@ class RunConfig(_Strict):
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``annotation`` (``X``, ``X | None``), if any."""
+    """The pydantic model inside ``annotation`` (``X``, ``X | None``), if any; not in a list."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if _list_item_model(annotation) is not None:
+        return None
     for arg in typing.get_args(annotation):
         found = _model_in(arg)
         if found is not None:
             return found
+    return None
+
+
+def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """``X`` for a field that is a list of pydantic models ``list[X]``, else None."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
     return None
 
 
@@ -152,7 +175,9 @@ def _check_key(key: str) -> None:
     """Raise a ConfigError naming the closest valid key if ``key`` is not one."""
     model: type[BaseModel] | None = RunConfig
     parts = key.split(".")
-    for i, part in enumerate(parts):
+    i = 0
+    while i < len(parts):
+        part = parts[i]
         here = ".".join(parts[: i + 1])
         assert model is not None
         field = model.model_fields.get(part)
@@ -171,9 +196,19 @@ def _check_key(key: str) -> None:
             raise ConfigError(f"unknown key {key!r}; the keys {where} are: {', '.join(names)}")
         if _is_free_mapping(field.annotation):
             return  # init_args: any key below
+        item = _list_item_model(field.annotation)
+        if item is not None and i + 1 < len(parts):  # plugins.0.init_args.patience
+            if not parts[i + 1].isdigit():
+                raise ConfigError(
+                    f"unknown key {key!r}: {here!r} is a list; name an entry by its index "
+                    f"({here}.0.{'.'.join(parts[i + 1 :])}) or set the whole list (--{here} '[...]')"
+                )
+            model, i = item, i + 2
+            continue
         model = _model_in(field.annotation)
         if model is None and i + 1 < len(parts):
             raise ConfigError(f"unknown key {key!r}: {here!r} is a value, not a section")
+        i += 1
 
 
 def _parse_value(text: str) -> Any:
@@ -231,17 +266,44 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``data`` with each dotted key of ``overrides`` set (sections created as needed)."""
+    """A copy of ``data`` with each dotted key of ``overrides`` set (sections created as needed).
+
+    A numeric part names an entry of a list (``plugins.0.init_args.patience``).
+
+    Raises:
+        ConfigError: a key names an entry of a list that the data does not have.
+    """
     result: dict[str, Any] = copy.deepcopy(dict(data))
     for key, value in overrides.items():
-        node = result
+        node: Any = result
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = value
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                index = int(part) if part.isdigit() else -1
+                if not 0 <= index < len(node):
+                    where = ".".join(parts[:depth])
+                    raise ConfigError(
+                        f"--{key}: {where!r} has {len(node)} entries (indexes 0 to {len(node) - 1}), "
+                        f"not {part}; set the whole list with --{where} '[...]'"
+                        if node
+                        else f"--{key}: {where!r} has no entries; set the whole list with --{where} '[...]'"
+                    )
+                if last:
+                    node[index] = value
+                elif isinstance(node[index], (dict, list)):
+                    node = node[index]
+                else:
+                    node = node[index] = {}
+            elif last:
+                node[part] = value
+            else:
+                child = node.get(part)
+                if not isinstance(child, (dict, list)) or (
+                    isinstance(child, list) and not parts[depth + 1].isdigit()
+                ):
+                    child = node[part] = [] if parts[depth + 1].isdigit() else {}
+                node = child
     return result
 
 
@@ -288,12 +350,14 @@ def format_validation_error(
 def _describe_key(key: str) -> str:
     model: type[BaseModel] | None = RunConfig
     description = "required"
-    for part in key.split("."):
+    for part in key.replace("[", ".").replace("]", "").split("."):  # plugins[0].class_path
+        if part.isdigit():
+            continue  # an entry of the list whose item model is already current
         if model is None or part not in model.model_fields:
             break
         field = model.model_fields[part]
         description = field.description or description
-        model = _model_in(field.annotation)
+        model = _model_in(field.annotation) or _list_item_model(field.annotation)
     return f"required: {description}"
 
 
@@ -429,6 +493,44 @@ def build(spec: ComponentSpec, key: str, *args: Any, as_is_if_function: bool = F
         return obj(*args, **spec.init_args)
     except Exception as exc:
         raise ConfigError(f"{key}: {name}(...) raised {type(exc).__name__}: {exc}") from exc
+
+
+def build_plugins(specs: Sequence[ComponentSpec], key: str = "plugins") -> list[object]:
+    """Build the plugins of a run file's ``plugins:`` list, each called with its ``init_args``.
+
+    Args:
+        specs: The entries, in order (the order they are registered in).
+        key: The list's key in the run file, named by every error (``plugins[1].init_args: ...``).
+
+    Raises:
+        ConfigError: an entry cannot be built (see :func:`build`), or what it
+            built is a class or implements no dltrain hook.
+    """
+    plugins: list[object] = []
+    names: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        where = f"{key}[{i}]"
+        plugin = build(spec, where)
+        if inspect.isclass(plugin):
+            raise ConfigError(
+                f"{where}.class_path: {spec.class_path!r} returned the class {plugin.__qualname__}, "
+                f"not a plugin instance; name the class itself (it is called with init_args)"
+            )
+        marked = [n for n in dir(plugin) if hasattr(getattr(plugin, n, None), "dltrain_impl")]
+        if not marked:
+            raise ConfigError(
+                f"{where}.class_path: {spec.class_path!r} built a {type(plugin).__name__}, which implements "
+                f"no dltrain hook (a plugin marks its hook methods with @dltrain.hookimpl)"
+            )
+        name = getattr(plugin, "name", None) or type(plugin).__name__
+        if name in names:
+            raise ConfigError(
+                f"{where}: {names[name]} and {where} are both plugins named {name!r}, and a Trainer "
+                f"registers one plugin per name (its checkpoint state is kept under it); keep one of them"
+            )
+        names[str(name)] = where
+        plugins.append(plugin)
+    return plugins
 
 
 def add_import_dirs(run_file: str | Path | None) -> None:

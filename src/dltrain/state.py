@@ -90,6 +90,8 @@ class State:
             the same step in all of them).
         stop_reason: Why the run stopped (or will stop), for people to read.
         skipped_steps: Optimizer steps skipped by the ``on_nonfinite="skip"`` policy.
+        rollbacks: Rollbacks made by the ``on_nonfinite="rollback"`` policy in this fit
+            (not restored by a rollback itself).
         device: The device the model runs on, once chosen.
         world_size: Number of processes in the run (1 without distributed training).
         rank: This process's global rank (0 without distributed training).
@@ -106,6 +108,7 @@ class State:
     stop_requested: bool = False
     stop_reason: str | None = None
     skipped_steps: int = 0
+    rollbacks: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     world_size: int = 1
     rank: int = 0

@@ -240,6 +240,36 @@ class Trainer:
         """The LR schedulers of the latest fit, by the name of their optimizer."""
         return {name: spec.scheduler for name, spec in self.optimizers.schedules.items()}
 
+    def verify_resume(
+        self,
+        model_factory: Any,
+        train_data: Iterable[Any],
+        *,
+        optimizer_factory: Any,
+        loss_fn: Any = None,
+        scheduler_factory: Any = None,
+        val_data: Iterable[Any] | None = None,
+        steps: int = 20,
+        interrupt_at: int | None = None,
+        fresh_process: bool = False,
+    ) -> Any:
+        """Check that this Trainer's program resumes bit for bit: see :func:`dltrain.verify.verify_resume`.
+
+        Trains ``steps`` steps straight; then ``interrupt_at`` steps, a
+        checkpoint and a resume in a fresh Trainer (``fresh_process=True``: a
+        fresh process) to ``steps``; and compares every tensor of the model,
+        the optimizers, the schedulers, every plugin's state, the random states
+        and the data of each step. Returns a
+        :class:`~dltrain.verify.ResumeReport` naming the first difference.
+        """
+        from dltrain.verify import verify_resume
+
+        return verify_resume(
+            self, model_factory, train_data, optimizer_factory=optimizer_factory, loss_fn=loss_fn,
+            scheduler_factory=scheduler_factory, val_data=val_data, steps=steps, interrupt_at=interrupt_at,
+            fresh_process=fresh_process,
+        )  # fmt: skip
+
     # -------------------------------------------------- manual optimization
 
     def backward(self, loss: torch.Tensor, optimizer_name: str | None = None) -> None:

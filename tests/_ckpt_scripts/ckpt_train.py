@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--plain-collate", action="store_true", help="no RNG use while loading batches")
     p.add_argument("--save-and-die-at", type=int, default=0, help="see SaveAndDie")
+    p.add_argument("--sync-save", action="store_true", help="checkpoint.async_save=False")
     a = p.parse_args(argv)
 
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a busy machine
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             "keep_best": a.keep_best,
             "monitor": a.monitor,
             "mode": a.mode,
+            "async_save": not a.sync_save,
         },
         plugins=[recorder] + ([SaveAndDie(a.save_and_die_at, a.dir)] if a.save_and_die_at else []),
     )

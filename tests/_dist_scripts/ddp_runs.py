@@ -334,6 +334,30 @@ def fit_accumulating() -> dict[str, Any]:
     return {"weights": _weights(model), "by_batch": counter.by_batch, "steps": state.global_step}
 
 
+def fit_rolling_back(checkpoint_dir: str) -> dict[str, Any]:
+    """on_nonfinite="rollback": a NaN loss on rank 1 (on the one process, at the same batch) at the
+    7th training batch; every rank rolls back to the checkpoint of step 4 and skips that batch."""
+    x, y = data(N_TRAIN, 0)
+    model = make_model()
+    trainer = _trainer(
+        Recorder(x), max_epochs=2, on_nonfinite="rollback", log_every_n_steps=2,
+        checkpoint={"dir": checkpoint_dir, "every_n_steps": 2, "keep_last": 3},
+    )  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(
+            model,
+            DataLoader(TensorDataset(x, y), batch_size=per_rank_batch()),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            loss_fn=NanOnRank(rank=min(1, world_size() - 1), at=7),
+        )
+    state = trainer.state
+    assert state is not None
+    return {"weights": _weights(model), "rollbacks": state.rollbacks, "steps": state.global_step}
+
+
 def main_runs(out: Path, resume_from: str | None) -> dict[str, Any]:
     """Every run of the ``main`` scenario, keyed by name."""
     results: dict[str, Any] = {"sequential": fit_sequential(checkpoint_dir=str(out / "checkpoints"))}
@@ -349,6 +373,7 @@ def main_runs(out: Path, resume_from: str | None) -> dict[str, Any]:
     results["skip_nonfinite"] = fit_skipping_nan()
     results["resumed_mid_epoch"] = fit_resumed_mid_epoch(str(out / "mid_epoch_checkpoints"))
     results["accumulating"] = fit_accumulating()
+    results["rolling_back"] = fit_rolling_back(str(out / "rollback_checkpoints"))
     return results
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dltrain.checkpoint._inspect import format_report, inspect_checkpoint
 from dltrain.checkpoint._io import FAULT_ENV, check_plain
+from dltrain.checkpoint._lock import DirectoryLock
 from dltrain.checkpoint._resume import (
     COMPUTE_FIELDS,
     compare_for_resume,
@@ -30,18 +31,16 @@ from dltrain.checkpoint._resume import (
     load_for_resume,
     verify_checkpoint,
 )
-from dltrain.checkpoint._store import (
-    CheckpointInfo,
-    list_checkpoints,
-    next_name,
-    rank_best,
-    save_checkpoint,
-)
+from dltrain.checkpoint._save import save_checkpoint
+from dltrain.checkpoint._saver import SaveTiming
+from dltrain.checkpoint._store import CheckpointInfo, list_checkpoints, next_name, rank_best
 
 __all__ = [
     "COMPUTE_FIELDS",
     "FAULT_ENV",
     "CheckpointInfo",
+    "DirectoryLock",
+    "SaveTiming",
     "check_plain",
     "compare_for_resume",
     "format_report",

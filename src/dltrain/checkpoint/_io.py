@@ -2,11 +2,11 @@
 
 The write protocol (one checkpoint ``NAME`` in directory ``D``):
 
-1. the payload goes to ``D/.tmp-NAME.ckpt-PID``, hashed while it is written,
-   then flushed and fsync'ed;
+1. the payload goes to ``D/.tmp-NAME.ckpt~HOST~PID``, hashed while it is
+   written (one pass: it is never read back), then flushed and fsync'ed;
 2. ``os.replace`` gives it its final name ``D/NAME.ckpt``; ``D`` is fsync'ed;
 3. the manifest (step, epoch, sha256 and size of the payload, versions,
-   config, metrics) goes to ``D/.tmp-NAME.json-PID`` the same way and is
+   config, metrics) goes to ``D/.tmp-NAME.json~HOST~PID`` the same way and is
    renamed to ``D/NAME.json``; ``D`` is fsync'ed.
 
 The manifest is the commit marker: a payload without a valid manifest that
@@ -14,7 +14,8 @@ matches it is not a checkpoint. A crash (power loss, SIGKILL) at any moment
 therefore leaves either the previous set of checkpoints or the previous set
 plus the new one; never a half-written file under a checkpoint's name.
 
-Everything here is synchronous and touches only the given paths.
+Everything here is synchronous and touches only the given paths; it may run
+in any thread (the checkpoint plugin's background saves call it from one).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import os
 import pickle
 import signal
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,10 +34,12 @@ from typing import IO, Any, cast
 
 import torch
 
+from dltrain.checkpoint._directory import TMP_PREFIX, tmp_name
 from dltrain.errors import CheckpointError
 
 __all__ = [
     "FAULT_ENV",
+    "FAULT_PAUSE_S",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_SUFFIX",
@@ -57,17 +61,24 @@ FORMAT = "dltrain-checkpoint"
 FORMAT_VERSION = 1
 PAYLOAD_SUFFIX = ".ckpt"
 MANIFEST_SUFFIX = ".json"
-#: Temporary files start with this; no checkpoint name does, so they are never mistaken for one.
-TMP_PREFIX = ".tmp-"
 
-#: Test-only fault injection: ``STAGE`` or ``STAGE@STEP`` makes the process
-#: SIGKILL itself at that stage of a save (of the checkpoint at global step
-#: ``STEP``, when given). Stages: ``payload-tmp`` (temporary payload written),
-#: ``payload`` (payload renamed, no manifest yet), ``manifest-tmp`` (temporary
-#: manifest written), ``manifest`` (committed, before old ones are deleted),
-#: ``delete`` (one old manifest deleted, its payload not yet). Unset, it costs
-#: one environment lookup per save.
+#: Test-only fault injection: ``STAGE[@STEP][:ACTION]`` makes the process act
+#: at that stage of a save (of the checkpoint at global step ``STEP``, when
+#: given), in whichever thread writes it. Stages: ``payload-tmp`` (temporary
+#: payload written), ``payload`` (payload renamed, no manifest yet),
+#: ``manifest-tmp`` (temporary manifest written), ``manifest`` (committed,
+#: before old ones are deleted), ``delete`` (one old manifest deleted, its
+#: payload not yet). Actions: ``kill`` (the default: SIGKILL itself), ``term``
+#: and ``int`` (send itself SIGTERM or SIGINT, then go on after
+#: :data:`FAULT_PAUSE_S`: a signal while the save is in flight), ``pause``
+#: (sleep :data:`FAULT_PAUSE_S`: a slow disk). Unset, it costs one environment
+#: lookup per stage.
 FAULT_ENV = "DLTRAIN_CHECKPOINT_FAULT"
+
+#: How long the ``pause``, ``term`` and ``int`` fault actions hold the save (seconds).
+FAULT_PAUSE_S = 0.5
+
+_FAULT_SIGNALS = {"kill": "SIGKILL", "term": "SIGTERM", "int": "SIGINT"}
 
 _MANIFEST_REQUIRED = ("format", "format_version", "name", "payload", "payload_sha256", "payload_bytes")
 _CHUNK = 1 << 20
@@ -90,34 +101,52 @@ def fsync_dir(directory: Path) -> None:
 
 
 def maybe_fault(stage: str, step: int) -> None:
-    """SIGKILL this process if :data:`FAULT_ENV` asks for ``stage`` (tests only)."""
+    """Act as :data:`FAULT_ENV` asks at ``stage`` of the save at global ``step`` (tests only)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    want, _, at = spec.partition("@")
-    if want == stage and (not at or int(at) == step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    where, _, action = spec.partition(":")
+    want, _, at = where.partition("@")
+    if want != stage or (at and int(at) != step):
+        return
+    action = action or "kill"
+    if action in _FAULT_SIGNALS:
+        os.kill(os.getpid(), getattr(signal, _FAULT_SIGNALS[action]))
+    elif action != "pause":
+        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown action {action!r}; use kill, term, int or pause")
+    time.sleep(FAULT_PAUSE_S)
 
 
 class _HashingWriter:
-    """A write-only file object that hashes and counts what passes through it."""
+    """A write-only file object that hashes and counts what passes through it.
+
+    It keeps the first ``OSError`` of the file: ``torch.save``'s zip writer
+    replaces it with a ``RuntimeError`` ("unexpected pos ...") that names neither
+    the cause nor the file.
+    """
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            written = self._raw.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
-        return self._raw.write(data)
+        return written
 
     def flush(self) -> None:
         self._raw.flush()
 
 
 def _tmp_path(final: Path) -> Path:
-    return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
+    return final.with_name(tmp_name(final.name))
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -146,12 +175,22 @@ def write_payload(payload: Mapping[str, Any], final: Path, *, step: int) -> tupl
 
     Returns:
         The sha256 (hex) and size in bytes of the file written.
+
+    Raises:
+        OSError: The file could not be written (the file system's own error;
+            the temporary file is removed).
     """
     writers: list[_HashingWriter] = []
 
     def write(raw: IO[bytes]) -> None:
-        writers.append(_HashingWriter(raw))
-        torch.save(dict(payload), cast(IO[bytes], writers[0]))  # it only calls write/flush
+        writer = _HashingWriter(raw)
+        writers.append(writer)
+        try:
+            torch.save(dict(payload), cast(IO[bytes], writer))  # it only calls write/flush
+        except Exception:
+            if writer.error is not None:  # the file's own error, not the zip writer's echo of it
+                raise writer.error.with_traceback(writer.error.__traceback__) from None
+            raise
 
     _write_atomically(final, write, fault="payload-tmp", step=step)
     maybe_fault("payload", step)

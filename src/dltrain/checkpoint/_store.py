@@ -6,9 +6,11 @@ manifest, the commit marker). The number is the global step, zero-padded to
 nine digits; a save whose name a checkpoint in the directory already has gets ``-1``
 (``-2``, ...) appended: an epoch-end save at the step of the step save it
 replaces (``step-000000120-1`` replaces ``step-000000120``), or a run started
-in a directory whose older checkpoints include that step. Temporary files start with
-``.tmp-`` and are removed by the next save. Files that do not follow this
-pattern are never touched.
+in a directory whose older checkpoints include that step. Temporary files start
+with ``.tmp-`` and name their writer's host and PID; a save removes those whose
+writer is gone (see :func:`clean_stale`). The lock file ``.dltrain.lock``
+belongs to :class:`~dltrain.checkpoint.DirectoryLock`. Files that do not
+follow these patterns are never touched.
 
 Order: every manifest holds a ``serial``, one more than the largest in the
 directory when it was written, so "newest" means "written last", whatever
@@ -17,33 +19,14 @@ the steps (a new run into an old directory is newest even at a lower step).
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from dltrain._warnings import warn
-from dltrain.checkpoint._io import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_SUFFIX,
-    PAYLOAD_SUFFIX,
-    TMP_PREFIX,
-    check_plain,
-    finite_or_none,
-    fsync_dir,
-    maybe_fault,
-    read_manifest,
-    write_manifest,
-    write_payload,
-)
+from dltrain.checkpoint._directory import STALE_AFTER_S, TMP_PREFIX, is_stale_tmp, untouched_for
+from dltrain.checkpoint._io import MANIFEST_SUFFIX, PAYLOAD_SUFFIX, fsync_dir, read_manifest
 from dltrain.errors import CheckpointError
 
 __all__ = [
@@ -53,7 +36,6 @@ __all__ = [
     "list_checkpoints",
     "next_name",
     "rank_best",
-    "save_checkpoint",
     "scan",
 ]
 
@@ -228,23 +210,41 @@ def rank_best(
     return sorted(scored, key=lambda i: (sign * float(i.score or 0.0), -i.serial))
 
 
-def clean_stale(directory: Path) -> None:
-    """Remove temporary files and payloads without a manifest left by interrupted saves.
+def clean_stale(directory: Path, *, grace: float = STALE_AFTER_S) -> list[Path]:
+    """Remove what interrupted saves left behind, and only what their writers left for good.
 
-    Only dltrain's own names are touched (``.tmp-*`` and ``step-*.ckpt``).
+    * A temporary file (``.tmp-*``) goes when its writer is gone: it ran on
+      this host and its PID no longer runs. One from another host, or with a
+      name that does not say who wrote it, goes once unchanged for ``grace``
+      seconds.
+    * A payload without a manifest (``step-*.ckpt``: a save interrupted
+      between renaming its payload and committing its manifest) goes once
+      unchanged for ``grace`` seconds, since its writer may be about to commit
+      it. The checkpoint plugin passes ``grace=0`` once, at the start of a run,
+      while it holds the directory's lock: no other run can be writing then.
+
+    Only dltrain's own names are touched.
+
+    Returns:
+        The files removed.
     """
-    removed = False
+    removed: list[Path] = []
     for entry in directory.iterdir():
-        stale = entry.name.startswith(TMP_PREFIX) or (
-            entry.suffix == PAYLOAD_SUFFIX
-            and is_checkpoint_name(entry.stem)
-            and not entry.with_suffix(MANIFEST_SUFFIX).exists()
-        )
+        if entry.name.startswith(TMP_PREFIX):
+            stale = is_stale_tmp(entry, grace=grace)
+        else:
+            stale = (
+                entry.suffix == PAYLOAD_SUFFIX
+                and is_checkpoint_name(entry.stem)
+                and not entry.with_suffix(MANIFEST_SUFFIX).exists()
+                and untouched_for(entry, grace)
+            )
         if stale and entry.is_file():
             entry.unlink(missing_ok=True)
-            removed = True
+            removed.append(entry)
     if removed:
         fsync_dir(directory)
+    return removed
 
 
 def next_name(directory: str | Path, step: int) -> str:
@@ -261,149 +261,3 @@ def next_name(directory: str | Path, step: int) -> str:
         n += 1
         name = f"{base}-{n}"
     return name
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON data: paths and unknown objects as strings, non-finite floats as strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def config_digest(config: Any) -> str | None:
-    """A sha256 of a config's canonical JSON (None without a config)."""
-    if config is None:
-        return None
-    text = json.dumps(_jsonable(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def save_checkpoint(
-    payload: Mapping[str, Any],
-    directory: str | Path,
-    *,
-    metrics: Mapping[str, Any] | None = None,
-    monitor: str | None = None,
-    mode: Mode = "min",
-    trigger: str = "manual",
-    keep_last: int | None = None,
-    keep_best: int = 0,
-    supersedes: str | None = None,
-    name: str | None = None,
-) -> CheckpointInfo:
-    """Write one checkpoint durably, then apply retention.
-
-    ``payload`` is usually ``trainer.state_dict()``; its ``loop``, ``config``
-    and ``versions`` entries, when present, fill the manifest.
-
-    Args:
-        payload: Tensors and plain Python data only (checked first).
-        directory: Where checkpoints live (created if missing).
-        metrics: Metrics to record in the manifest (for people and for ``best``).
-        monitor: The metric that ranks checkpoints for ``best``.
-        mode: Whether a smaller (``min``) or larger (``max``) ``monitor`` is better.
-        trigger: What asked for the save, recorded for people.
-        keep_last: Keep this many newest checkpoints; None keeps all.
-        keep_best: Keep this many best ones by ``monitor`` as well.
-        supersedes: Name of a checkpoint at the same global step that this
-            one replaces (deleted once this one is durable).
-        name: The file stem to use (see :func:`next_name`); by default the
-            next free ``step-NNNNNNNNN`` name.
-
-    Returns:
-        The new checkpoint's :class:`CheckpointInfo`.
-
-    Raises:
-        CheckpointError: The payload holds something that is not plain data,
-            or ``name`` is not a free checkpoint name.
-        OSError: The directory cannot be written (disk full, permissions).
-    """
-    check_plain(payload)
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    clean_stale(folder)
-    loop = payload.get("loop") or {}
-    step = int(loop.get("global_step", 0))
-    infos, _ = scan(folder)
-    if name is None:
-        name = next_name(folder, step)
-    elif not is_checkpoint_name(name) or (folder / f"{name}{MANIFEST_SUFFIX}").exists():
-        raise CheckpointError(
-            f"cannot save checkpoint {name!r} in {str(folder)!r}: the name is taken or does not follow "
-            f"the pattern step-NNNNNNNNN[-K]; use dltrain.checkpoint.next_name(directory, step)"
-        )
-    sha, size = write_payload(payload, folder / f"{name}{PAYLOAD_SUFFIX}", step=step)
-    clean_metrics = {str(k): finite_or_none(v) for k, v in (metrics or {}).items()}
-    config = _jsonable(payload.get("config"))
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "payload": f"{name}{PAYLOAD_SUFFIX}",
-        "payload_sha256": sha,
-        "payload_bytes": size,
-        "serial": max((i.serial for i in infos), default=0) + 1,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "global_step": step,
-        "epoch": int(loop.get("epoch", 0)),
-        "batch_idx": int(loop.get("batch_idx", 0)),
-        "micro_step": int(loop.get("micro_step", 0)),
-        "stage": loop.get("stage"),
-        "trigger": trigger,
-        "metrics": clean_metrics,
-        "monitor": monitor,
-        "mode": mode,
-        "score": clean_metrics.get(monitor) if monitor else None,
-        "versions": _jsonable(payload.get("versions") or {"torch": str(torch.__version__)}),
-        "config": config,
-        "config_sha256": config_digest(config),
-    }
-    written = write_manifest(manifest, folder / f"{name}{MANIFEST_SUFFIX}", step=step)
-    maybe_fault("manifest", step)
-    info = CheckpointInfo.from_manifest(written, folder / f"{name}{MANIFEST_SUFFIX}")
-    if keep_last is not None or supersedes is not None:
-        _retain(infos, info, keep_last, keep_best, monitor, mode, supersedes)
-    return info
-
-
-def _retain(
-    old: list[CheckpointInfo],
-    new: CheckpointInfo,
-    keep_last: int | None,
-    keep_best: int,
-    monitor: str | None,
-    mode: str,
-    supersedes: str | None,
-) -> None:
-    """Delete what retention no longer keeps; the new checkpoint is already durable."""
-    gone = {i.name for i in old if i.name == supersedes and i.global_step == new.global_step}
-    remaining = [i for i in old if i.name not in gone] + [new]
-    if keep_last is not None:
-        keep = {i.name for i in remaining[-keep_last:]}
-        if monitor and keep_best:
-            keep |= {i.name for i in rank_best(remaining, monitor, mode)[:keep_best]}
-        gone |= {i.name for i in remaining if i.name not in keep}
-    gone.discard(new.name)
-    for info in old:  # oldest first
-        if info.name in gone:
-            _delete(info, new.global_step)
-    if gone:
-        fsync_dir(new.directory)
-
-
-def _delete(info: CheckpointInfo, step: int) -> None:
-    # Manifest first: from that moment the checkpoint no longer exists, and a
-    # crash before the payload goes leaves only a manifest-less file, which
-    # the next save removes.
-    try:
-        info.manifest_path.unlink(missing_ok=True)
-        maybe_fault("delete", step)
-        info.payload_path.unlink(missing_ok=True)
-    except OSError as exc:
-        warn(f"could not delete old checkpoint {str(info.payload_path)!r}: {exc}")

@@ -348,6 +348,16 @@ class DistributedPlugin:
             trainer.request_stop(f"{reasons[first]} (on rank {first})")
         return True
 
+    @hookimpl
+    def agree_on_max(self, state: State, values: list[int]) -> list[int] | None:
+        """The elementwise maximum of ``values`` over the ranks (a blocking all-reduce, once in flight ended)."""
+        if state.world_size < 2 or self._flag_group is None:
+            return None
+        self._finish_count()
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._flag_group)
+        return [int(v) for v in tensor.tolist()]  # a CPU tensor: no device sync
+
     def _count_one_step_late(self, state: State) -> int:
         """The number of ranks that wanted to stop at the previous step; starts this step's count."""
         wanting = self._finish_count()

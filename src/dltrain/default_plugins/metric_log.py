@@ -16,6 +16,7 @@ when two runs start in the same second), and writes:
     and all the epoch's metrics (``train_loss``, ``val_accuracy``, ...);
   - ``"validate"`` / ``"test"``, after a standalone evaluation: its metrics;
   - ``"resume"``: the ``step`` at which a fit resumed from a checkpoint continued;
+  - ``"rollback"``: the ``step`` ``on_nonfinite="rollback"`` went back to, and the ``reason``.
   - ``"failed"``, the last row of a run that raised: ``epoch``, ``step`` and
     ``error`` (the exception's type and first line). A run that fails before its
     first step leaves a folder whose log holds this row alone, so a failed run
@@ -273,6 +274,12 @@ class MetricLogPlugin:
         if self._file is not None:
             row = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step, **metrics}
             self._write(row, flush=True)
+
+    @hookimpl
+    def on_rollback(self, state: State, reason: str) -> None:
+        """Write a ``"rollback"`` row: the step the run went back to, and why."""
+        if self._file is not None:
+            self._write({"kind": "rollback", "step": state.global_step, "reason": reason}, flush=True)
 
     @hookimpl
     def on_eval_epoch_end(self, state: State, metrics: Mapping[str, float]) -> None:
