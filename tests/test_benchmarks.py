@@ -80,3 +80,16 @@ def test_checkpoint_benchmark_reports_the_stall_and_memory_ratios() -> None:
     assert set(values) == {"stall_ratio", "memory_ratio"}
     assert all(v > 0 and math.isfinite(v) for v in values.values())
     assert "bare torch.save s" in out and "verify s (read+sha256)" in out
+
+
+def test_resume_benchmark_reports_fast_forward_against_replay() -> None:
+    out, values = _run("resume.py")
+    assert set(values) == {
+        "resume_10_s",
+        "resume_90_s",
+        "replay_90_s",
+        "ratio_90_vs_replay",
+        "ratio_90_vs_plain",
+    }
+    assert all(v > 0 and math.isfinite(v) for v in values.values())
+    assert "DataLoader (fast-forward)" in out and "any iterable (replay)" in out

@@ -297,7 +297,10 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("dltrain fit: error: invalid run configuration:")
-    assert "trainer.max_epochs: Input should be a valid integer" in result.stderr
+    assert (
+        "trainer.max_epochs: Input should be a positive integer or None, not the string 'x' "
+        "(got 'x' from --trainer.max_epochs)" in result.stderr
+    )
 
 
 def test_the_mnist_config_without_data_says_what_to_set_in_the_run_file(

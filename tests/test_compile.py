@@ -371,7 +371,7 @@ def test_the_json_schema_describes_compile_and_its_options() -> None:
     [
         ({"backnd": "aot_eager"}, r"compile\.backnd\n.*did you mean 'backend'\?"),
         ({"mode": "fast"}, r"compile\.mode\n.*'default', 'reduce-overhead', 'max-autotune' or"),
-        ({"fullgraph": "sometimes"}, r"compile\.fullgraph\n.*valid boolean"),
+        ({"fullgraph": "sometimes"}, r"compile\.fullgraph\n.*True or False, not the string 'sometimes'"),
         ("maybe", r"compile\n.*true, false or a mapping of CompileOptions fields"),
         (None, r"compile\n.*true, false or a mapping of CompileOptions fields"),
     ],

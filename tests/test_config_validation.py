@@ -37,7 +37,7 @@ def positive_int(optional: bool) -> tuple[st.SearchStrategy[Any], st.SearchStrat
     invalid = (
         st.integers(max_value=0)
         | st.floats(allow_nan=True).filter(lambda f: not (math.isfinite(f) and f.is_integer() and f > 0))
-        | st.sampled_from(["ten", "", "1e", "-3"])
+        | st.sampled_from(["ten", "", "1e", "-3", "3", True, False, 3.0])  # strict: no bool, str or float
         | JUNK
         | (st.nothing() if optional else st.none())
     )
@@ -51,7 +51,7 @@ def literal(*choices: str) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[An
 
 
 def boolean() -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
-    return st.booleans(), st.sampled_from(["maybe", "2", 2, -1, 0.5, None]) | JUNK
+    return st.booleans(), st.sampled_from(["maybe", "2", 2, -1, 0.5, None, 1, 0, "true"]) | JUNK
 
 
 def text() -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
@@ -95,7 +95,7 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "log_every_n_steps": positive_int(optional=False),
     "gradient_clip_val": (
         st.floats(min_value=1e-6, max_value=1e6) | st.none(),
-        st.floats(max_value=0.0) | st.just(math.nan) | st.sampled_from(["big", ""]) | JUNK,
+        st.floats(max_value=0.0) | st.just(math.nan) | st.sampled_from(["big", "", "1e-3", True]) | JUNK,
     ),
     "gradient_clip_algorithm": literal("norm", "value"),
     "scheduler_interval": literal("epoch", "step"),
@@ -104,7 +104,7 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "device": (st.sampled_from(DEVICES_OK), st.sampled_from(DEVICES_BAD) | st.integers() | st.none() | JUNK),
     "precision": literal("32", "bf16-mixed", "16-mixed"),
     "compile": compile_setting(),
-    "seed": (st.integers(0, 2**32) | st.none(), st.sampled_from(["seed", 1.5, ""]) | JUNK),
+    "seed": (st.integers(0, 2**32) | st.none(), st.sampled_from(["seed", 1.5, "", "0", True]) | JUNK),
     "accuracy": literal("auto", "always", "never"),
     "progress": literal("auto", "bar", "line", "off"),
     "run_dir": inside_cwd_path(optional=True),
@@ -122,7 +122,10 @@ CHECKPOINT_FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any
     "keep_last": positive_int(optional=False),
     "monitor": (st.none() | st.sampled_from(["val_loss", "train_accuracy"]), st.integers() | JUNK),
     "mode": literal("min", "max"),
-    "keep_best": (st.integers(0, 10), st.integers(max_value=-1) | st.sampled_from(["all", 1.5]) | JUNK),
+    "keep_best": (
+        st.integers(0, 10),
+        st.integers(max_value=-1) | st.sampled_from(["all", 1.5, "1", False]) | JUNK,
+    ),
 }
 
 

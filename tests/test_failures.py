@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Generator, Iterator
@@ -28,12 +30,18 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import dltrain
 from dltrain import DltrainError, NonFiniteError, PluginError, hookimpl
 from dltrain.checkpoint import list_checkpoints, load_for_resume
-from dltrain.default_plugins.signals import DistributedSignalsPlugin, SignalsPlugin, make_plugin
+from dltrain.default_plugins.signals import (
+    DistributedSignalsPlugin,
+    SignalsPlugin,
+    _already_exiting,
+    make_plugin,
+)
 from dltrain.testing import HookRecorder, tiny_loader, tiny_model
 
 SCRIPTS = Path(__file__).resolve().parent / "_failure_scripts"
@@ -590,6 +598,10 @@ def test_sigterm_saves_then_raises_system_exit_143(tmp_path: Path, default_handl
         fit(trainer)
     assert info.value.code == 143
     assert [i.global_step for i in list_checkpoints(directory)] == [3]
+    # The process is on its way out: a repeat of SIGTERM is ignored, not a death by signal.
+    assert signal.getsignal(signal.SIGTERM) is _already_exiting
+    signal.raise_signal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what default_handlers expects back
 
 
 @POSIX
@@ -814,6 +826,105 @@ def test_sigterm_on_a_real_process_saves_exits_143_and_resume_continues_exactly(
     expected = torch.load(tmp_path / "reference.pt")["params"]
     for key, value in expected.items():
         torch.testing.assert_close(resumed["params"][key], value, rtol=0, atol=0)
+
+
+@POSIX
+@pytest.mark.parametrize("again", ["save", "teardown", "exit"])  # "now": the test after this one
+def test_sigterm_twice_on_a_real_process_still_exits_143_after_the_checkpoint(
+    tmp_path: Path, again: str
+) -> None:
+    """A repeat during the final save, during teardown (after fit put the handlers back), after fit
+    raised: never a death by SIGTERM (-15)."""
+    ckpt = str(tmp_path / "ckpt")
+    code, err = _finish(_train(tmp_path, "twice", "--ckpt", ckpt, "--term-after", "5", "--again", again))
+    assert code == 143, err
+    assert "dltrain: stopped by SIGTERM at epoch 1, global step 5" in err
+    assert [(i.global_step, i.trigger) for i in list_checkpoints(ckpt)] == [(5, "fit_end")]
+    assert torch.load(tmp_path / "twice.pt")["steps"] == list(range(1, 6))  # the script's own save ran
+    ignored = "dltrain: SIGTERM received again after the final checkpoint: ignored, the process is exiting"
+    assert (ignored in err) == (again in ("teardown", "exit"))
+
+
+@POSIX
+def test_sigterm_sent_from_outside_again_and_again_exits_143(tmp_path: Path) -> None:
+    """Twice in quick succession, then every 5 ms until the process is gone: training, the final
+    save, teardown and interpreter shutdown all see it; the exit stays 143."""
+    ready = tmp_path / "ready"
+    ckpt = tmp_path / "ckpt"
+    process = _train(tmp_path, "flood", "--ckpt", str(ckpt), "--ready", str(ready), "--slow", "0.02")
+    deadline = time.monotonic() + 120
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.exists(), "the training process never started training"
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGTERM)
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        time.sleep(0.005)
+    code, err = _finish(process)
+    assert code == 143, err
+    (info,) = list_checkpoints(ckpt)
+    assert info.trigger == "fit_end" and "exiting with status 143" in err
+
+
+@POSIX
+def test_a_configured_preemption_signal_stops_saves_and_exits_128_plus_its_number(tmp_path: Path) -> None:
+    """SLURM's --signal=USR1@90: SIGUSR1 is handled like SIGTERM, the status is 128 + 10 on Linux."""
+    ckpt = str(tmp_path / "ckpt")
+    code, err = _finish(
+        _train(
+            tmp_path, "usr1", "--ckpt", ckpt, "--term-after", "5", "--signal", "SIGUSR1", "--again", "exit"
+        )
+    )
+    assert code == 128 + signal.SIGUSR1, err
+    assert "dltrain: SIGUSR1 received: stopping after the current step and saving a checkpoint" in err
+    assert f"exiting with status {128 + signal.SIGUSR1}" in err
+    assert [(i.global_step, i.trigger) for i in list_checkpoints(ckpt)] == [(5, "fit_end")]
+    code, err = _finish(_train(tmp_path, "resumed", "--ckpt", ckpt, "--resume"))
+    assert code == 0, err
+    assert torch.load(tmp_path / "resumed.pt")["steps"] == list(range(6, 25))
+
+
+@POSIX
+def test_preemption_signals_replace_sigterm_in_process(default_handlers: None, tmp_path: Path) -> None:
+    directory = tmp_path / "ckpt"
+    trainer = make_trainer(
+        checkpoint={"dir": directory, "every_n_epochs": None},
+        preemption_signals=("USR2",),
+        plugins=[SendSignal(0, 2, signal.SIGUSR2)],
+    )
+    during: list[Any] = []
+
+    class Look:
+        @hookimpl
+        def on_train_epoch_start(self) -> None:
+            during.append(signal.getsignal(signal.SIGTERM))
+
+    trainer.plugin_manager.register(Look())
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        with pytest.raises(SystemExit) as info:
+            fit(trainer)
+        assert info.value.code == 128 + signal.SIGUSR2
+        assert during == [signal.SIG_DFL]  # SIGTERM is not a preemption signal here: left alone
+        assert [i.global_step for i in list_checkpoints(directory)] == [3]
+        assert signal.getsignal(signal.SIGUSR2) is _already_exiting
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_preemption_signals_are_checked_by_the_config() -> None:
+    assert dltrain.TrainerConfig(preemption_signals=["usr1", "SIGTERM"]).preemption_signals == (
+        "SIGUSR1",
+        "SIGTERM",
+    )
+    with pytest.raises(ValidationError, match="cannot hold 'SIGINT': Ctrl-C has its own handling"):
+        dltrain.TrainerConfig(preemption_signals=("SIGINT",))
+    with pytest.raises(ValidationError, match="'SIGFOO' is not a signal of this platform"):
+        dltrain.TrainerConfig(preemption_signals=("SIGFOO",))
+    with pytest.raises(ValidationError, match="cannot hold 'SIGKILL': it cannot be handled"):
+        dltrain.TrainerConfig(preemption_signals=("SIGKILL",))
 
 
 @POSIX

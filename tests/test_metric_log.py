@@ -160,7 +160,64 @@ def test_a_failed_run_keeps_what_it_logged_and_closes_the_file() -> None:
         fit(trainer, val=False)
     plugin = trainer.plugin_manager.get_plugin("metric_log")
     assert plugin._file is None  # type: ignore[union-attr]
-    assert [r["epoch"] for r in read_metrics(run_path_of(trainer)) if r["kind"] == "epoch"] == [1]
+    rows = read_metrics(run_path_of(trainer))
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1]
+    assert {k: v for k, v in rows[-1].items() if k != "time"} == {
+        "kind": "failed",
+        "epoch": 2,
+        "step": 8,
+        "error": "PluginError: plugin 'FailAtSecondEpoch' raised RuntimeError in hook "
+        "'on_train_epoch_start' at epoch 2, global step 8, batch 0 (train): boom",
+    }
+
+
+def test_a_run_that_fails_at_its_first_batch_leaves_a_folder_marked_failed() -> None:
+    """Not an empty log that looks like a run about to write: one row saying what failed."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("expected 8 features\nsecond line")
+
+    trainer = make_trainer()
+    model = Broken()
+    with pytest.raises(ValueError, match="expected 8 features"):
+        trainer.fit(
+            model,
+            tiny_loader(batch_size=8),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=torch.nn.CrossEntropyLoss(),
+        )
+    run_path = run_path_of(trainer)
+    assert sorted(p.name for p in run_path.iterdir()) == ["config.json", "metrics.jsonl"]
+    (row,) = read_metrics(run_path)
+    assert (row["kind"], row["epoch"], row["step"], row["error"]) == (
+        "failed",
+        1,
+        0,
+        "ValueError: expected 8 features",
+    )
+    pytest.importorskip("matplotlib")
+    from dltrain.plot import plot_run
+
+    with pytest.raises(dltrain.ConfigError, match=r"failed at epoch 1, step 0 before it logged any metrics"):
+        plot_run(run_path)
+
+
+def test_a_clean_stop_is_not_a_failure() -> None:
+    class CtrlC:
+        @dltrain.hookimpl
+        def on_train_batch_end(self, state: State) -> None:
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    trainer = make_trainer(max_epochs=2, disable_plugins=["signals"], plugins=[CtrlC()])
+    with pytest.raises(KeyboardInterrupt):
+        fit(trainer, val=False)
+    assert [r["kind"] for r in read_metrics(run_path_of(trainer))] == []
 
 
 def test_only_rank_zero_writes(tmp_path: Path) -> None:

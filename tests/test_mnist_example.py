@@ -280,9 +280,14 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
     straight = train("--epochs", "3")
     straight_lines = capsys.readouterr().out.splitlines()
     checkpoints = str(tmp_path / "ckpt")
-    train("--epochs", "1", "--checkpoint-dir", checkpoints)  # the run that was "interrupted"
-    capsys.readouterr()
-    resumed = train("--epochs", "3", "--checkpoint-dir", checkpoints, "--resume", "last")
-    resumed_lines = capsys.readouterr().out.splitlines()
+    # A requeued job runs the same command every time: --resume auto starts fresh the first time.
+    train("--epochs", "1", "--checkpoint-dir", checkpoints, "--resume", "auto")  # "interrupted"
+    assert f"dltrain: no checkpoint in {checkpoints!r}: starting fresh" in capsys.readouterr().err
+    resumed = train("--epochs", "3", "--checkpoint-dir", checkpoints, "--resume", "auto")
+    captured = capsys.readouterr()
+    assert (
+        f"dltrain: resuming from {str(Path(checkpoints) / 'step-000000030.ckpt')!r} (step 30)" in captured.err
+    )
+    resumed_lines = captured.out.splitlines()
     assert resumed_lines == straight_lines[1:]  # epochs 2 and 3, and the accuracy line, the same
     assert resumed["accuracy"] == straight["accuracy"]

@@ -7,6 +7,7 @@ Same network, loss, optimizer, data and printed lines as the tutorial (see
     python examples/mnist/train.py --download             # the tutorial, 10 epochs
     python examples/mnist/train.py --loader memory        # same data, held in memory
     python examples/mnist/train.py --activation relu      # the MLP the tutorial meant
+    python examples/mnist/train.py --checkpoint-dir ckpt --resume auto   # preemptible: rerun as is
 """
 
 from __future__ import annotations
@@ -129,9 +130,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     ckpt.add_argument(
         "--resume",
         default=None,
-        metavar="last|best|PATH",
-        help="continue from a checkpoint: 'last' in --checkpoint-dir, or a checkpoint's path; "
-        "--epochs counts the epochs of the whole run",
+        metavar="auto|last|best|PATH",
+        help="continue from a checkpoint: 'auto' (the newest in --checkpoint-dir if there is one, else "
+        "start fresh: the same command for every run of a requeued job), 'last' in --checkpoint-dir, "
+        "or a checkpoint's path; --epochs counts the epochs of the whole run",
     )
     return parser
 

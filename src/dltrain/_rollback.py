@@ -50,7 +50,10 @@ def roll_back(driver: Driver, problem: Problem) -> None:
     newest = eligible[-1].global_step if eligible else -1
     agreed = trainer._hooks.call_first("agree_on_max", trainer=trainer, state=state, values=[-newest])
     step = newest if agreed is None else -agreed[0]
-    chosen = [i for i in eligible if i.global_step == step]
+    # Listed again: the agreement above waited for every process, so a save that rank 0 was committing
+    # when another process listed (an epoch-end checkpoint replacing the step's, under another name)
+    # is on disk now, and the other's first listing may name a file that is gone.
+    chosen = [i for i in list_checkpoints(directory) if i.global_step == step] if step >= 0 else []
     if step < 0 or not chosen:
         raise CheckpointError(
             f"on_nonfinite='rollback': {problem.text}, but {str(directory)!r} holds no committed checkpoint "

@@ -45,6 +45,7 @@ or after --config; VALUE is read as YAML (3, 0.1, null, true, [1, 2], {a: 1}). E
   dltrain fit --config run.yaml --trainer.max_epochs 3 --optimizer.init_args.lr 0.1
   dltrain fit --trainer.device=cpu --config run.yaml --print-config
   dltrain fit --config run.yaml --resume last       # continue from the newest checkpoint
+  dltrain fit --config run.yaml --trainer.checkpoint.dir ckpt --resume auto   # a requeued job
 """
 
 

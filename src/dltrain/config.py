@@ -14,15 +14,14 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -35,9 +34,23 @@ if TYPE_CHECKING:  # names of newer pydantic releases than the lowest this suppo
     from pydantic import ModelWrapValidatorHandler, ValidatorFunctionWrapHandler
     from pydantic_core import InitErrorDetails
 
-__all__ = ["CheckpointConfig", "CompileOptions", "TrainerConfig", "load_config_file"]
+__all__ = ["CheckpointConfig", "CompileOptions", "DuplicateKeyError", "TrainerConfig", "load_config_file"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+# Numbers and switches are strict: from Python, True is not 1 and "3" is not 3 (pydantic's lax
+# mode would take both). Files give typed values already: JSON, TOML, and YAML as read by
+# yaml12_loader (whose 1e-3 is a float, as in YAML 1.2 and JSON).
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]  # an int is a number too: 1 is 1.0
+StrictBool = Annotated[bool, Strict()]
+
+#: Strings people mean as a bool, answered with how to write one.
+_BOOL_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
+
+#: Pydantic's messages for a value of the wrong type, which the config rewrites to name what is allowed.
+_TYPE_ERRORS = frozenset({"int_type", "float_type", "bool_type"})
 
 
 class _Strict(BaseModel):
@@ -45,8 +58,9 @@ class _Strict(BaseModel):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _suggest_field(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
-        """Add "did you mean ...?" to pydantic's error for an unknown setting."""
+    def _explain_errors(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        """Make pydantic's errors say what to do: "did you mean ...?" for an unknown setting; what
+        the field allows, and why the value given is not it, for a value of the wrong type."""
         try:
             return handler(data)
         except ValidationError as exc:
@@ -59,7 +73,9 @@ class _Strict(BaseModel):
                     close = difflib.get_close_matches(str(error["loc"][-1]), fields, n=1)
                     if close:
                         message += f"; did you mean {close[0]!r}?"
-                        changed = True
+                elif error["type"] in _TYPE_ERRORS and message.startswith("Input should be a valid"):
+                    message = _wrong_type_message(cls, error["loc"], error["input"]) or message
+                changed = changed or message != error["msg"]
                 errors.append(
                     {
                         "type": PydanticCustomError(error["type"], message),
@@ -85,7 +101,7 @@ class CheckpointConfig(_Strict):
     every_n_epochs: PositiveInt | None = Field(
         default=1, description="Save at the end of every N epochs; None: not by epochs."
     )
-    save_on_fit_end: bool = Field(default=True, description="Save when fit ends.")
+    save_on_fit_end: StrictBool = Field(default=True, description="Save when fit ends.")
     keep_last: PositiveInt = Field(default=2, description="How many of the newest to keep.")
     monitor: str | None = Field(
         default=None, description="Metric that ranks checkpoints for 'best' (e.g. 'val_loss')."
@@ -125,12 +141,12 @@ class CompileOptions(_Strict):
         "'max-autotune*' spend longer compiling for faster kernels. None: torch's default. "
         "Backends other than inductor may ignore it.",
     )
-    fullgraph: bool = Field(
+    fullgraph: StrictBool = Field(
         default=False,
         description="Fail at the first step if the forward cannot be captured as one graph, "
         "instead of splitting it at the unsupported code.",
     )
-    dynamic: bool | None = Field(
+    dynamic: StrictBool | None = Field(
         default=None,
         description="Compile for dynamic shapes: True from the start, False never (recompile for each "
         "new shape), None when a shape changes (such as a smaller last batch).",
@@ -179,7 +195,7 @@ class TrainerConfig(_Strict):
         default="val_loss",
         description="Metric passed to ReduceLROnPlateau-style schedulers.",
     )
-    manual_optimization: bool = Field(
+    manual_optimization: StrictBool = Field(
         default=False,
         description="The training_step drives the update itself, through trainer.backward(loss) and "
         "trainer.optimizer_step(name) (GANs, custom update rules); False: the Trainer does backward and "
@@ -217,12 +233,12 @@ class TrainerConfig(_Strict):
         description="'32' (float32), 'bf16-mixed' (autocast to bfloat16; CPU or CUDA), "
         "'16-mixed' (autocast to float16 with a GradScaler; CUDA only).",
     )
-    compile: bool | CompileOptions = Field(
+    compile: StrictBool | CompileOptions = Field(
         default=False,
         description="Run the model through torch.compile: true (the defaults), false, or CompileOptions "
         "(backend, mode, fullgraph, dynamic).",
     )
-    seed: int | None = Field(
+    seed: Annotated[int, Strict()] | None = Field(
         default=None,
         ge=-(2**63),
         lt=2**64,
@@ -234,7 +250,7 @@ class TrainerConfig(_Strict):
         default="auto",
         description="Report accuracy: when outputs look like class scores ('auto'), always, never.",
     )
-    train_accuracy: bool = Field(
+    train_accuracy: StrictBool = Field(
         default=False,
         description=(
             "Report accuracy for training epochs too (validation and test report it by default); "
@@ -256,11 +272,18 @@ class TrainerConfig(_Strict):
         default=None, description="Checkpointing settings; None turns checkpointing off."
     )
 
+    preemption_signals: tuple[str, ...] = Field(
+        default=("SIGTERM",),
+        description="Signals that mean 'this job is being preempted': each stops the fit cleanly at the "
+        "next step, saves a checkpoint, and exits with status 128 + its number (143 for SIGTERM). Add "
+        "'SIGUSR1' for SLURM's --signal=USR1@90; () leaves every signal but Ctrl-C to its default.",
+    )
+
     # --- plugins --------------------------------------------------------------
     disable_plugins: tuple[str, ...] = Field(
         default=(), description="Names of plugins not to register, built-ins included."
     )
-    autoload_plugins: bool = Field(
+    autoload_plugins: StrictBool = Field(
         default=True,
         description="Load plugins installed under the 'dltrain' entry-point group.",
     )
@@ -273,6 +296,30 @@ class TrainerConfig(_Strict):
                 f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N' (N a number), 'mps'"
             )
         return value
+
+    @field_validator("preemption_signals")
+    @classmethod
+    def _check_signals(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import signal
+
+        names: list[str] = []
+        for given in value:
+            name = given.strip().upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            if name in ("SIGINT", "SIGKILL", "SIGSTOP"):
+                why = (
+                    "Ctrl-C has its own handling (stop, save, KeyboardInterrupt)"
+                    if name == "SIGINT"
+                    else "it cannot be handled"
+                )
+                raise ValueError(f"preemption_signals cannot hold {given!r}: {why}")
+            if name not in signal.Signals.__members__:
+                choices = ", ".join(
+                    n for n in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP") if n in signal.Signals.__members__
+                )
+                raise ValueError(f"{given!r} is not a signal of this platform; use a name such as {choices}")
+            names.append(name)
+        return tuple(dict.fromkeys(names))
 
     @field_validator("compile", mode="wrap")
     @classmethod
@@ -351,8 +398,140 @@ def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def _field_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> Any:
+    """The FieldInfo of the (nested) field at ``loc``, or None."""
+    if not loc:
+        return None
+    owner = model
+    for part in loc[:-1]:
+        fields = _fields_at(owner, (part,))
+        field = owner.model_fields.get(str(part))
+        if not fields or field is None:
+            return None
+        nested = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)]
+        owner = next(a for a in nested if issubclass(a, BaseModel))
+    return owner.model_fields.get(str(loc[-1]))
+
+
+def _allowed(annotation: Any, metadata: list[Any]) -> str | None:
+    """What a numeric or boolean field allows, in words ("a positive integer or None"), else None.
+
+    ``metadata``: the field's own constraints (pydantic moves those of a top-level
+    ``Annotated`` there; inside ``X | None`` they stay in the annotation).
+    """
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    optional = type(None) in members
+    described: list[str] = []
+    for member in members:
+        if member is type(None):
+            continue
+        base, *extras = get_args(member) if get_origin(member) is Annotated else (member,)
+        constraints = [c for e in (*extras, *metadata) for c in (getattr(e, "metadata", None) or [e])]
+        positive = any(getattr(c, "gt", None) == 0 for c in constraints)
+        non_negative = any(getattr(c, "ge", None) == 0 for c in constraints)
+        if base is bool:
+            described.append("True or False")
+        elif base is int:
+            described.append(
+                "a positive integer" if positive else "an integer >= 0" if non_negative else "an integer"
+            )
+        elif base is float:
+            described.append("a positive number" if positive else "a number")
+        else:
+            return None
+    if not described:
+        return None
+    return " or ".join(described + (["None"] if optional else []))
+
+
+def _wrong_type_message(model: type[BaseModel], loc: tuple[int | str, ...], value: Any) -> str | None:
+    """ "Input should be a positive integer or None, not the bool True" for a strict field given a
+    value of another type; None when the field is not one of the config's numbers or switches."""
+    field = _field_at(model, loc)
+    allowed = _allowed(field.annotation, field.metadata) if field is not None else None
+    if allowed is None:
+        return None
+    if isinstance(value, bool):
+        what = f"the bool {value!r}: a bool is not a number here" if "True" not in allowed else f"{value!r}"
+    elif isinstance(value, str):
+        what = f"the string {value!r}"
+        if "True" not in allowed and _looks_numeric(value):
+            what += f": write the number without quotes ({value.strip()})"
+        elif "True" in allowed and value.strip().lower() in _BOOL_WORDS:
+            what += ": write True or False (true or false in a file), without quotes"
+    else:
+        what = f"the {type(value).__name__} {value!r}"
+    return f"Input should be {allowed}, not {what}"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class DuplicateKeyError(ConfigError):
+    """A key given twice in one mapping of a config file (JSON, TOML or YAML) or override.
+
+    Attributes:
+        key: The key.
+        lines: The 1-based lines of its occurrences, when the format tells them.
+    """
+
+    def __init__(self, key: str, lines: tuple[int, ...] = (), source: str | None = None) -> None:
+        self.key, self.lines = key, lines
+        where = f"config file {source!r}" if source else "the YAML value"
+        if len(lines) > 1:
+            at = f" (lines {' and '.join(map(str, lines))})"
+        else:
+            at = f" (the second time at line {lines[0]})" if lines else ""
+        super().__init__(
+            f"{where} sets the key {key!r} twice{at}; a key may appear once in a mapping: remove one of them"
+        )
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`json.loads`: a dict, refusing a key given twice."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise DuplicateKeyError(key)
+        data[key] = value
+    return data
+
+
+_TOML_DUPLICATE = re.compile(
+    r"^(?:Cannot overwrite a value|Cannot declare \((?P<table>.*)\) twice|"
+    r"Duplicate inline table key '(?P<inline>[^']*)') \(at line (?P<line>\d+), column \d+\)$"
+)
+
+
+def _toml_duplicate(message: str, text: str, source: str) -> DuplicateKeyError | None:
+    """The duplicate key a ``tomllib`` error is about (its messages name a line, not always the key)."""
+    match = _TOML_DUPLICATE.match(message)
+    if match is None:
+        return None
+    line = int(match["line"])
+    if match["inline"] is not None:
+        key = match["inline"]
+    elif match["table"] is not None:
+        key = ".".join(part.strip().strip("'\"") for part in match["table"].split(",") if part.strip())
+    else:
+        here = text.splitlines()[line - 1].strip() if line <= len(text.splitlines()) else ""
+        key = here.strip("[]").strip() if here.startswith("[") else here.partition("=")[0].strip()
+    return DuplicateKeyError(key, (line,), source)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON, TOML or YAML file into a dict, with errors that name the file."""
+    """Read a JSON, TOML or YAML file into a dict, with errors that name the file.
+
+    Raises:
+        ConfigError: the file is missing, has another suffix, is not valid in its
+            format, sets a key twice in one mapping (:class:`DuplicateKeyError`),
+            or does not hold a mapping.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(
@@ -362,13 +541,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     text = p.read_text(encoding="utf-8")
     try:
         if suffix == ".json":
-            data: Any = json.loads(text)
+            data: Any = json.loads(text, object_pairs_hook=_json_object)
         elif suffix == ".toml":
             if sys.version_info >= (3, 11):
                 import tomllib
             else:  # pragma: no cover - Python 3.10
                 import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-            data = tomllib.loads(text)
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                duplicate = _toml_duplicate(str(exc), text, str(p))
+                if duplicate is not None:
+                    raise duplicate from None
+                raise
         elif suffix in (".yaml", ".yml"):
             try:
                 import yaml
@@ -381,6 +566,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(
                 f"config file {str(p)!r} has suffix {suffix!r}; use .json, .toml, .yaml or .yml"
             )
+    except DuplicateKeyError as exc:
+        raise DuplicateKeyError(exc.key, exc.lines, str(p)) from None
     except ConfigError:
         raise
     except Exception as exc:
@@ -395,19 +582,46 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def yaml12_loader() -> Any:
-    """PyYAML's safe loader with YAML 1.2 booleans: only true/false, so ``progress: off`` stays a string.
+    """PyYAML's safe loader, read as YAML 1.2 where 1.1 surprises, and without duplicate keys.
 
-    (YAML 1.1, PyYAML's default, reads ``off``, ``on``, ``yes`` and ``no`` as booleans.)
+    - Booleans are only true/false, so ``progress: off`` stays a string (YAML 1.1,
+      PyYAML's default, reads ``off``, ``on``, ``yes`` and ``no`` as booleans).
+    - ``1e-3`` and ``1e3`` are floats, as in YAML 1.2 and JSON (YAML 1.1 wants a
+      dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string).
+    - A key given twice in one mapping raises :class:`DuplicateKeyError` (PyYAML
+      keeps the last silently); keys merged in with ``<<`` may be overridden.
     """
     import yaml
 
-    loader: Any = type("Yaml12SafeLoader", (yaml.SafeLoader,), {})
-    bool_tag = "tag:yaml.org,2002:bool"
+    class Yaml12SafeLoader(yaml.SafeLoader):  # type: ignore[misc,unused-ignore]  # PyYAML has no type hints
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in first_line:
+                            raise DuplicateKeyError(str(key), (first_line[key], line))
+                        first_line[key] = line
+                    except TypeError:  # an unhashable key: PyYAML's own error follows
+                        break
+            return super().construct_mapping(node, deep=deep)
+
+    loader: Any = Yaml12SafeLoader
+    bool_tag, float_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
     loader.yaml_implicit_resolvers = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     loader.add_implicit_resolver(
         bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    loader.add_implicit_resolver(
+        float_tag,
+        re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+.0123456789"),
     )
     return loader

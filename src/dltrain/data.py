@@ -45,7 +45,9 @@ class InMemoryLoader:
     ``DistributedSampler(seed=seed)`` after ``set_epoch(e)``). The loader
     starts at epoch 0 and moves to the next epoch each time an iteration runs
     to its end; :meth:`set_epoch` sets it explicitly (the Trainer calls it
-    before every epoch). Without shuffling, batches are slices (views, no copy).
+    before every epoch), and can start the next iteration at any batch of the
+    epoch: a run resumed inside an epoch starts there, without going through
+    the batches before it. Without shuffling, batches are slices (views, no copy).
 
     Distributed training: each rank takes every ``world_size``-th index of the
     epoch's order, starting at its ``rank``. With ``drop_last=False`` the order
@@ -121,6 +123,8 @@ class InMemoryLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._start = 0  # the batch the next iteration starts at (set_epoch)
+        self._position = 0  # batches of `epoch` handed out by the latest iteration (or _start)
 
         n = self.num_samples
         if self.drop_last:
@@ -225,29 +229,42 @@ class InMemoryLoader:
         self.tensors = tuple(t.to(device) for t in self.tensors)
         return self
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration yield the order of ``epoch`` (0-based).
+    def set_epoch(self, epoch: int, batch: int = 0) -> None:
+        """Make the next iteration yield the order of ``epoch`` (0-based), from its batch ``batch``.
 
-        The Trainer calls this before each epoch with ``state.epoch``.
+        The Trainer calls this before each epoch with ``state.epoch``; a run
+        resumed inside an epoch starts at the batch after the checkpoint's.
+
+        Raises:
+            DataError: ``epoch`` is not an integer >= 0, or ``batch`` not one of
+                ``0 .. len(self)``.
         """
         if not _is_int(epoch) or epoch < 0:
             raise DataError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self.epoch = epoch
+        if not _is_int(batch) or not 0 <= batch <= self._num_batches:
+            raise DataError(
+                f"batch must be an integer in 0..{self._num_batches} (the batches of an epoch), got {batch!r}"
+            )
+        self.epoch, self._start, self._position = epoch, batch, batch
 
     # -- iteration ------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield this epoch's batches; at the end, move on to the next epoch."""
+        """Yield this epoch's batches (from the batch :meth:`set_epoch` gave); at the end, move on
+        to the next epoch."""
         tensors, size, n = self.tensors, self.batch_size, self._per_rank
         order = self._indices(self.epoch)
-        for b in range(self._num_batches):
+        start, self._start = self._start, 0
+        for b in range(start, self._num_batches):
             lo, hi = b * size, min((b + 1) * size, n)
+            self._position = b + 1
             if order is None:
                 yield tuple(t[lo:hi] for t in tensors)
             else:
                 idx = order[lo:hi]
                 yield tuple(t.index_select(0, idx) for t in tensors)
         self.epoch += 1
+        self._position = 0
 
     def indices(self, epoch: int | None = None) -> torch.Tensor:
         """The sample indices this rank takes in ``epoch`` (default: the current one), in order.
@@ -280,17 +297,18 @@ class InMemoryLoader:
     # -- checkpointing ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The seed and the epoch, with the layout they give an order for.
+        """The seed, the epoch and the place in it, with the layout they give an order for.
 
-        The layout (number of samples, batch size, shuffle, drop_last, world
-        size) is checked by :meth:`load_state_dict`. Plain Python data, safe
-        for ``torch.load(weights_only=True)``. A position inside the epoch is
-        not kept: the Trainer resumes mid-epoch by skipping the batches it
-        already trained on, which replays this loader's order exactly.
+        ``batch`` counts the batches of ``epoch`` the latest iteration handed
+        out: :meth:`load_state_dict` makes the next iteration continue after
+        them. The layout (number of samples, batch size, shuffle, drop_last,
+        world size) is checked by :meth:`load_state_dict`. Plain Python data,
+        safe for ``torch.load(weights_only=True)``.
         """
         return {
             "seed": self.seed,
             "epoch": self.epoch,
+            "batch": self._position,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
@@ -299,10 +317,12 @@ class InMemoryLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the seed and epoch saved by :meth:`state_dict`.
+        """Restore the seed, epoch and place saved by :meth:`state_dict`.
 
-        The next iteration yields the saved epoch's batches, in the same
-        order, and the epochs after it follow as they would have.
+        The next iteration yields the rest of the saved epoch's batches, in the
+        same order (the whole next epoch when the saved one was complete), and
+        the epochs after it follow as they would have. A state without
+        ``batch`` (dltrain 0.2 and earlier) starts at the epoch's beginning.
 
         Raises:
             DataError: When the state lacks the seed or epoch, or comes from a
@@ -322,7 +342,10 @@ class InMemoryLoader:
                 )
         if not _is_int(state["seed"]):
             raise DataError(f"loader state has seed={state['seed']!r}; it must be an integer")
-        self.set_epoch(state["epoch"])
+        epoch, batch = state["epoch"], state.get("batch", 0)
+        if _is_int(epoch) and batch == self._num_batches:  # the epoch was complete
+            epoch, batch = epoch + 1, 0
+        self.set_epoch(epoch, batch)
         self.seed = state["seed"]
 
 

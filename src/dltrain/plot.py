@@ -156,6 +156,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     step_rows = [r for r in rows if r.get("kind") == "step" and isinstance(r.get("train_loss"), float)]
     test_rows = [r for r in rows if r.get("kind") in ("test", "validate")]
     if not epoch_rows and not step_rows:
+        failed = [r for r in rows if r.get("kind") == "failed"]
+        if failed:
+            raise ConfigError(
+                f"run {str(run)!r} failed at epoch {failed[-1].get('epoch')}, step {failed[-1].get('step')} "
+                f"before it logged any metrics ({failed[-1].get('error')}); there is nothing to plot"
+            )
         raise ConfigError(f"run {str(run)!r} has no metrics yet: {METRICS_FILE} holds no epoch or step rows")
 
     panels = step_series(rows)

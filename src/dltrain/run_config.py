@@ -22,7 +22,7 @@ plugins:                                 # optional: plugin instances, registere
   - class_path: dltrain.callbacks:EarlyStopping
     init_args: {monitor: val_loss, patience: 3}
   - class_path: dltrain.callbacks:LearningRateMonitor
-resume: last                             # optional: continue from a checkpoint ('last', 'best', a path)
+resume: auto                             # optional: 'auto', 'last', 'best' or a checkpoint's path
 ```
 
 Every value is validated by pydantic, and every error names the key it is
@@ -121,8 +121,9 @@ class RunConfig(_Strict):
     )
     resume: str | None = Field(
         default=None,
-        description="Continue from a checkpoint of trainer.checkpoint.dir: 'last', 'best', or a path "
-        "(e.g. --resume last in the next job after a TimeLimit stop).",
+        description="Continue from a checkpoint of trainer.checkpoint.dir: 'auto' (the newest when there "
+        "is one, else start fresh: the same command for every run of a requeued job), 'last', 'best', "
+        "or a checkpoint's path (e.g. --resume last in the next job after a TimeLimit stop).",
     )
 
 

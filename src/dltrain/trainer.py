@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,7 +161,10 @@ class Trainer:
                 optimizer names to schedulers. Any scheduler may be given as
                 ``{"scheduler": s, "interval": "step", "monitor": "val_loss"}``
                 to choose its own interval and monitored metric.
-            resume: ``"last"``, ``"best"`` or a checkpoint path to continue from.
+            resume: ``"last"``, ``"best"`` or a checkpoint path to continue from;
+                ``"auto"``: the newest intact checkpoint in ``checkpoint.dir`` when
+                there is one, else a fresh start, saying which on standard error
+                (rank 0), so a requeued job runs the same command every time.
             resume_strict: When False, config differences that change what the
                 run computes are a warning instead of an error.
 
@@ -480,7 +485,13 @@ class Trainer:
         from dltrain.checkpoint import compare_for_resume, load_for_resume
 
         directory = self.config.checkpoint.dir if self.config.checkpoint is not None else None
-        payload, path = load_for_resume(resume, directory)
+        if resume == "auto":
+            found = self._resume_auto(directory)
+            if found is None:
+                return
+            payload, path = found
+        else:
+            payload, path = load_for_resume(resume, directory)
         payload = upgrade_payload(payload, list(self.optimizers))
         current = {
             "config": self.config.to_json_dict(),
@@ -506,6 +517,38 @@ class Trainer:
                 raise CheckpointError(message + "\nPass resume_strict=False to resume anyway.")
             warnings.warn(message, stacklevel=3)
         self.load_state_dict(payload)
+
+    def _resume_auto(self, directory: Path | None) -> tuple[dict[str, Any], Path] | None:
+        """``resume="auto"``: the newest intact checkpoint in ``directory`` and its path, or None.
+
+        Rank 0 chooses and tells the others (one broadcast), so every process
+        resumes from the same file, or none does. Says which on stderr (rank 0).
+        """
+        from dltrain.checkpoint import list_checkpoints, load_for_resume
+
+        if directory is None:
+            raise CheckpointError(
+                "resume='auto' needs a checkpoint directory to look in, but checkpointing is off; set "
+                "checkpoint={'dir': ...} in the Trainer config"
+            )
+        state = self._require_state()
+        found: tuple[dict[str, Any], Path] | None = None
+        if state.is_global_zero and list_checkpoints(directory):
+            found = load_for_resume("last", directory)
+        choice = [None if found is None else str(found[1])]
+        dist = torch.distributed
+        if state.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+            if not state.is_global_zero and choice[0] is not None:
+                found = load_for_resume(choice[0], directory)
+        if state.is_global_zero:
+            if found is None:
+                message = f"dltrain: no checkpoint in {str(directory)!r}: starting fresh"
+            else:
+                step = found[0].get("loop", {}).get("global_step")
+                message = f"dltrain: resuming from {str(found[1])!r} (step {step})"
+            print(message, file=sys.stderr, flush=True)
+        return found
 
     @contextlib.contextmanager
     def _run(self, state: State, optimizers: OptimizerSet | None = None) -> Iterator[None]:

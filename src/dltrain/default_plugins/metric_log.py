@@ -17,6 +17,11 @@ when two runs start in the same second), and writes:
   - ``"validate"`` / ``"test"``, after a standalone evaluation: its metrics;
   - ``"resume"``: the ``step`` at which a fit resumed from a checkpoint continued;
   - ``"rollback"``: the ``step`` ``on_nonfinite="rollback"`` went back to, and the ``reason``.
+  - ``"failed"``, the last row of a run that raised: ``epoch``, ``step`` and
+    ``error`` (the exception's type and first line). A run that fails before its
+    first step leaves a folder whose log holds this row alone, so a failed run
+    is never mistaken for one that has not logged yet. A clean stop (Ctrl-C,
+    SIGTERM, a stop request) is not a failure: its last row is its epoch's.
 
   Every row also has ``time``, seconds of running since the folder was created.
 
@@ -219,6 +224,22 @@ class MetricLogPlugin:
     def on_test_start(self, trainer: Trainer, state: State) -> None:
         """Create the run folder, unless a fit of this Trainer already did."""
         self._open(trainer, state)
+
+    @hookimpl
+    def on_exception(self, state: State, exception: BaseException) -> None:
+        """Mark the run as failed with a ``"failed"`` row naming the error (not for a clean stop).
+
+        KeyboardInterrupt and SystemExit are how Ctrl-C and preemption end a fit
+        after its final save: those runs did not fail.
+        """
+        if self._file is None or not isinstance(exception, Exception):
+            return
+        lines = str(exception).strip().splitlines()
+        error = type(exception).__name__ + (f": {lines[0]}" if lines else "")
+        self._write(
+            {"kind": "failed", "epoch": state.epoch + 1, "step": state.global_step, "error": error},
+            flush=True,
+        )
 
     @hookimpl
     def on_teardown(self) -> None:
