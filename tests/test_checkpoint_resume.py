@@ -227,7 +227,11 @@ def test_sigkills_at_random_moments_never_leave_a_torn_checkpoint_and_the_run_en
     """Training saves every step (asynchronously) and is SIGKILLed at random moments, resumed
     after each kill, until a run completes; then again in a fresh directory until enough kills."""
     reference = straight(run, tmp_path_factory, *RANDOM)
-    kills_wanted = int(os.environ.get("DLTRAIN_CRASH_KILLS", "6"))
+    # Kill moments are drawn up to the length of a whole run, timed here, so most land inside it.
+    began = time.monotonic()
+    assert run("--dir", str(tmp_path / "timed"), "--out", str(tmp_path / "timed.pt"), *RANDOM) == 0
+    whole_run = time.monotonic() - began
+    kills_wanted = int(os.environ.get("DLTRAIN_CRASH_KILLS", "30"))
     rng = random.Random(int(os.environ.get("DLTRAIN_CRASH_SEED", "0")))
     kills = chains = 0
     while kills < kills_wanted:
@@ -236,7 +240,7 @@ def test_sigkills_at_random_moments_never_leave_a_torn_checkpoint_and_the_run_en
         while True:
             resume_args = ("--resume", "last") if list_checkpoints(folder) else ()
             process = start("--dir", str(folder), "--out", str(out), *RANDOM, *resume_args)
-            process.join(timeout=rng.uniform(0.1, 1.5))
+            process.join(timeout=rng.uniform(0.02, whole_run))
             if process.is_alive() and kills < kills_wanted:
                 process.kill()
             code = finish(process)
@@ -249,7 +253,7 @@ def test_sigkills_at_random_moments_never_leave_a_torn_checkpoint_and_the_run_en
         # A kill after the final save leaves nothing to train: the weights must match all the same.
         assert_same_run(reference, torch.load(out, weights_only=True), trained=False)
         assert not [p.name for p in folder.iterdir() if p.name.startswith(".tmp-") or p.name == LOCK_NAME]
-    print(f"{kills} SIGKILLs in {chains} runs to completion")
+    print(f"{kills} SIGKILLs in {chains} runs to completion (a whole run: {whole_run:.2f} s)")
 
 
 # -- signals while a save is in flight ---------------------------------------------------------
