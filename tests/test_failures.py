@@ -233,14 +233,46 @@ def test_several_bad_batches_name_the_first_and_count_the_rest() -> None:
     assert "more non-finite loss(es) until global step 8" in str(info.value)
 
 
-def test_a_nan_gradient_from_a_finite_loss_is_named_by_the_weights_it_spoiled() -> None:
-    trainer = make_trainer(log_every_n_steps=1, plugins=[NanGradient(0, 2)])
+@pytest.mark.parametrize("log_every", [1, 50])
+def test_a_nan_gradient_from_a_finite_loss_is_blamed_on_its_batch_whatever_the_interval(
+    log_every: int,
+) -> None:
+    """Its step spoils the weights, so the next batch's loss is NaN: the blame stays on the gradient's."""
+    trainer = make_trainer(log_every_n_steps=log_every, plugins=[NanGradient(0, 2)])
     with pytest.raises(NonFiniteError) as info:
         fit(trainer)
     message = str(info.value)
-    assert message.startswith("non-finite weights in ['0.weight'")
-    assert "after global step 3, though every loss since global step 2 was finite" in message
-    assert "a gradient was NaN or inf" in message
+    assert message.startswith(
+        "a gradient became NaN or inf at epoch 1, global step 2, batch 2, though its loss was finite"
+    )
+    assert "non-finite weights now in: ['0.weight'" in message
+    if log_every == 1:  # checked right after that step: no loss has seen the spoiled weights yet
+        assert trainer.state is not None and trainer.state.global_step == 3
+        assert "the loss became non-finite later" not in message
+    else:  # checked at the epoch's end: every later loss was NaN
+        assert "(the loss became non-finite later, at global step 3)" in message
+
+
+def test_a_rollback_skips_the_batch_whose_gradient_was_not_finite(tmp_path: Path) -> None:
+    """The rolled-back run skips the gradient's batch, not the next one (whose loss was NaN)."""
+    rollbacks: list[str] = []
+
+    class Rollbacks:
+        @hookimpl
+        def on_rollback(self, reason: str) -> None:
+            rollbacks.append(reason)
+
+    trainer = make_trainer(
+        on_nonfinite="rollback",
+        checkpoint={"dir": str(tmp_path / "ckpt"), "every_n_steps": 1, "async_save": False},
+        plugins=[NanGradient(0, 2), Rollbacks()],
+    )
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="rolled back"):
+        fit(trainer, model)
+    assert all_finite(model) and len(rollbacks) == 1
+    assert rollbacks[0].startswith("a gradient became NaN or inf at epoch 1, global step 2, batch 2")
+    assert "batch 2 of epoch 1 will be skipped" in rollbacks[0]
 
 
 def test_skip_applies_no_step_for_a_bad_batch_and_counts_it() -> None:

@@ -1,13 +1,17 @@
 """The non-finite loss policy (``on_nonfinite``): raise, skip, stop or roll back.
 
-"raise" and "stop" cost no host sync per step: each micro-batch's loss is
-kept on the device (a detached reference, no kernel), and the losses of the
-window, with the weights' finiteness, are read with one sync every
-``log_every_n_steps`` optimizer steps and at each epoch's end. The first
-non-finite loss of a window is then reported exactly (epoch, batch, step,
-value), although training went on until the check. "skip" must decide
-before each optimizer step, so it reads every loss, and the gradients, with
-one sync per step (on an accelerator; a float16 GradScaler does the same).
+"raise", "stop" and "rollback" cost no host sync per step: each
+micro-batch's loss is kept on the device (a detached reference, no kernel),
+each optimizer step's gradients leave one flag on the device (one fused
+check, no sync), and the losses and flags of the window, with the weights'
+finiteness, are read with one sync every ``log_every_n_steps`` optimizer
+steps and at each epoch's end. The first non-finite value of a window is
+then reported exactly, although training went on until the check: the batch
+whose loss was first non-finite, or the step whose gradients were non-finite
+though its loss was finite (an inf gradient), whichever came first. "skip"
+must decide before each optimizer step, so it reads every loss, and the
+gradients, with one sync per step (on an accelerator; a float16 GradScaler
+does the same).
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class Problem:
     Attributes:
         text: What went wrong and where, for people.
         culprit: ``(epoch, batch_idx)`` of the first batch whose loss was not finite, if one was.
-        since: The global step the checked window began at: the problem arose after it.
+        since: The global step the problem arose at or after: the culprit's step, else the
+            start of the checked window. The weights of a checkpoint from that step are finite.
     """
 
     text: str
@@ -94,11 +99,50 @@ class NonFiniteGuard:
         self.skips = policy == "skip"
         self.window: list[torch.Tensor] = []  # losses since the last check ("raise", "stop")
         self.where: list[tuple[int, int, int]] = []  # (epoch, batch_idx, global_step) of each
+        # One flag per optimizer step of the window, 1.0 where a gradient was not finite, and where
+        # each step was taken; the buffer lives on the device and is zeroed at each check.
+        self.grad_flags: torch.Tensor | None = None
+        self.grad_where: list[tuple[int, int, int]] = []
+        self._one: torch.Tensor | None = None
 
     def watch(self, loss: torch.Tensor, state: State) -> None:
         """Keep a detached loss (and where it came from) until the next :meth:`check`."""
         self.window.append(loss)
         self.where.append((state.epoch, state.batch_idx, state.global_step))
+
+    def watch_grads(self, groups: Sequence[Sequence[torch.nn.Parameter]], device: torch.device) -> None:
+        """Flag this optimizer step if a gradient is NaN or inf: one fused check per group of
+        parameters of one dtype on ``device`` (no sync). Call it for each optimizer that steps;
+        :meth:`step_done` closes the step."""
+        index = len(self.grad_where)
+        flags = self.grad_flags
+        if flags is None or index >= flags.numel():
+            grown = torch.zeros(max(64, 2 * index + 2), device=device)
+            if flags is not None:
+                grown[: flags.numel()] = flags
+            self.grad_flags = flags = grown
+            self._one = torch.ones(1, device=device)
+        slot, one = flags[index : index + 1], self._one
+        assert one is not None
+        for params in groups:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                # Multiplies by 1.0 (exact) and sets the slot to 1.0 on a non-finite value: one
+                # multi-tensor kernel on an accelerator, the cheapest such check on a CPU.
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, slot, one)
+
+    def step_done(self, state: State) -> None:
+        """An optimizer step whose gradients :meth:`watch_grads` checked is complete."""
+        self.grad_where.append((state.epoch, state.batch_idx, state.global_step))
+
+    def clear(self) -> None:
+        """Forget the window (after a check, or a rollback)."""
+        self.window.clear()
+        self.where.clear()
+        if self.grad_where:
+            self.grad_where.clear()
+            if self.grad_flags is not None:
+                self.grad_flags.zero_()
 
     @staticmethod
     def loss_finite(loss: torch.Tensor) -> bool:
@@ -130,27 +174,51 @@ class NonFiniteGuard:
             return None
         losses = stack_scalars(window).float()
         since = where[0][2]
-        positions = list(where)
-        window.clear()
-        where.clear()
+        positions, steps = list(where), list(self.grad_where)
+        grads_ok = (
+            self.grad_flags[: len(steps)].to(losses.device) == 0
+            if steps and self.grad_flags is not None
+            else losses.new_ones(0, dtype=torch.bool)
+        )
         named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
         loss_ok = torch.isfinite(losses)
+        parts = [loss_ok, grads_ok]
         if named:
-            flags = torch.cat([loss_ok, finite_flags([p.detach() for _, p in named], loss_ok.device)])
-        else:
-            flags = loss_ok
+            parts.append(finite_flags([p.detach() for _, p in named], loss_ok.device))
+        flags = torch.cat(parts)
+        self.clear()
         if bool(flags.all()):  # the one sync of a good window
             return None
+        n_losses, n_steps = loss_ok.numel(), grads_ok.numel()
         bad_weights = [
-            n for (n, _), ok in zip(named, flags[loss_ok.numel() :].tolist(), strict=True) if not ok
+            n for (n, _), ok in zip(named, flags[n_losses + n_steps :].tolist(), strict=True) if not ok
         ]
         bad_losses = (~loss_ok).nonzero().flatten().tolist()
+        bad_steps = [i for i, ok in enumerate(flags[n_losses : n_losses + n_steps].tolist()) if not ok]
         weights = f"; non-finite weights now in: {bad_weights[:5]}" if bad_weights else ""
         culprit: tuple[int, int] | None = None
-        if bad_losses:
+        first_grad = steps[bad_steps[0]] if bad_steps else None
+        if first_grad is not None and (not bad_losses or first_grad[2] < positions[bad_losses[0]][2]):
+            # The gradients of a step were not finite though every loss up to it was: blame its batch,
+            # not the next one, whose loss the already damaged weights made non-finite.
+            epoch, batch, step = first_grad
+            culprit, since = (epoch, batch), step  # the weights were finite before this step
+            head = "non-finite gradient" if self.policy == "stop" else "a gradient became NaN or inf"
+            shared = " (gradients are averaged across processes)" if state.world_size > 1 else ""
+            problem = (
+                f"{head} at epoch {epoch + 1}, global step {step}, batch {batch}, "
+                f"though its loss was finite{shared}"
+                + (
+                    f" (the loss became non-finite later, at global step {positions[bad_losses[0]][2]})"
+                    if bad_losses
+                    else ""
+                )
+                + weights
+            )
+        elif bad_losses:
             first = bad_losses[0]
             epoch, batch, step = positions[first]
-            culprit = (epoch, batch)
+            culprit, since = (epoch, batch), step  # no gradient before it was non-finite
             value = float(losses[first])
             others = len(bad_losses) - 1
             head = f"non-finite loss ({value})" if self.policy == "stop" else f"the loss became {value}"
@@ -174,6 +242,7 @@ class NonFiniteGuard:
             request_stop(problem)
             return None
         raise NonFiniteError(
-            f"{problem}. {_ADVICE}. Losses are checked every log_every_n_steps optimizer steps and at each "
-            f"epoch's end (this check at global step {state.global_step}); log_every_n_steps=1 stops at once."
+            f"{problem}. {_ADVICE}. Losses and gradients are checked every log_every_n_steps optimizer steps "
+            f"and at each epoch's end (this check at global step {state.global_step}); log_every_n_steps=1 "
+            f"stops at once."
         )

@@ -36,6 +36,18 @@ def _position(where: tuple[int, int]) -> int:
     return where[0] * 2**31 + where[1]
 
 
+def _dense_groups(optimizer: torch.optim.Optimizer, device: torch.device) -> list[list[torch.nn.Parameter]]:
+    """The optimizer's floating-point parameters on ``device``, by dtype, that hold plain tensors
+    (sharded ones, such as FSDP's, are left to the check of the weights)."""
+    groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            plain = getattr(p, "full_tensor", None) is None and not p.is_sparse
+            if plain and p.is_floating_point() and p.device == device:
+                groups.setdefault(p.dtype, []).append(p)
+    return list(groups.values())
+
+
 def grad_sync_switch(model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager[Any]] | None:
     """DistributedDataParallel's ``no_sync`` of ``model`` (``torch.compile`` wrappers looked through),
     or None for a model whose backward synchronises nothing.
@@ -91,6 +103,10 @@ class StepRunner:
         self._before_bw: Any = None
         self._after_bw: Any = None
         self._before_step: Any = None
+        # Each optimizer's parameters by dtype, for the non-finite policy's per-step gradient flag
+        # (not with "skip", which checks with a sync, nor with a GradScaler, which skips inf steps).
+        self._watched: dict[str, list[list[torch.nn.Parameter]]] = {}
+        self._watch_grads = not self.guard.skips and self.scaler is None
 
     def start_epoch(self) -> None:
         """Fetch the hook callers and the model's gradient-sync switch (once per epoch, not per step)."""
@@ -98,6 +114,8 @@ class StepRunner:
         self._before_bw, self._after_bw = hooks.get("on_before_backward"), hooks.get("on_after_backward")
         self._before_step = hooks.get("on_before_optimizer_step")
         self._sync_switch = grad_sync_switch(self.trainer.model) if self.accum > 1 else None
+        if self._watch_grads:
+            self._watched = {name: _dense_groups(opt, self.state.device) for name, opt in self._opts.items()}
 
     # -- per batch ----------------------------------------------------------------
 
@@ -144,6 +162,8 @@ class StepRunner:
             for optimizer in self._opts.values():
                 optimizer.zero_grad(set_to_none=True)
         self._skipping = self._skip_counted = False
+        if self._watch_grads:
+            self.guard.step_done(state)
         state.micro_step = 0
         state.global_step += 1
         if state.global_step % self.log_every == 0:
@@ -203,6 +223,8 @@ class StepRunner:
                 self.state.skipped_steps += 1
                 self._skip_counted = True
         else:
+            if self._watch_grads:
+                self.guard.watch_grads(self._watched.get(name, ()), self.state.device)
             if self._before_step is not None:
                 self._before_step(
                     trainer=self.trainer, state=self.state, optimizer=optimizer, optimizer_name=name
@@ -288,8 +310,7 @@ class StepRunner:
         """Forget the batch in progress (after a rollback restored an earlier state)."""
         self.close()
         self._scaled_steps = self._skipping = self._skip_counted = False
-        self.guard.window.clear()
-        self.guard.where.clear()
+        self.guard.clear()
 
     def close(self) -> None:
         """Leave ``no_sync`` if a batch ended with an exception inside it."""
