@@ -233,11 +233,15 @@ def test_several_bad_batches_name_the_first_and_count_the_rest() -> None:
     assert "more non-finite loss(es) until global step 8" in str(info.value)
 
 
+@pytest.mark.parametrize("as_on", ["cpu", "accelerator"])
 @pytest.mark.parametrize("log_every", [1, 50])
 def test_a_nan_gradient_from_a_finite_loss_is_blamed_on_its_batch_whatever_the_interval(
-    log_every: int,
+    log_every: int, as_on: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its step spoils the weights, so the next batch's loss is NaN: the blame stays on the gradient's."""
+    """Its step spoils the weights, so the next batch's loss is NaN: the blame stays on the gradient's.
+    On the CPU each loss is read as it comes; on an accelerator each step keeps a gradient flag."""
+    if as_on == "accelerator":
+        monkeypatch.setattr("dltrain._step_runner.reads_losses_as_they_come", lambda device: False)
     trainer = make_trainer(log_every_n_steps=log_every, plugins=[NanGradient(0, 2)])
     with pytest.raises(NonFiniteError) as info:
         fit(trainer)

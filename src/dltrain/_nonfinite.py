@@ -1,11 +1,14 @@
 """The non-finite loss policy (``on_nonfinite``): raise, skip, stop or roll back.
 
 "raise", "stop" and "rollback" cost no host sync per step: each
-micro-batch's loss is kept on the device (a detached reference, no kernel),
-each optimizer step's gradients leave one flag on the device (one fused
-check, no sync), and the losses and flags of the window, with the weights'
-finiteness, are read with one sync every ``log_every_n_steps`` optimizer
-steps and at each epoch's end. The first non-finite value of a window is
+micro-batch's loss is kept on the device (a detached reference, no kernel);
+on an accelerator each optimizer step's gradients leave one flag on the
+device (one fused check, no sync), while on the CPU, where reading a value
+makes nothing wait, each loss is read as it comes and the first non-finite
+one has its weights checked (a full pass over the gradients every step would
+cost more there than the whole loop); the losses and flags of the window,
+with the weights' finiteness, are read with one sync every
+``log_every_n_steps`` optimizer steps and at each epoch's end. The first non-finite value of a window is
 then reported exactly, although training went on until the check: the batch
 whose loss was first non-finite, or the step whose gradients were non-finite
 though its loss was finite (an inf gradient), whichever came first. "skip"
@@ -16,6 +19,7 @@ does the same).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -99,21 +103,41 @@ class NonFiniteGuard:
         self.skips = policy == "skip"
         self.window: list[torch.Tensor] = []  # losses since the last check ("raise", "stop")
         self.where: list[tuple[int, int, int]] = []  # (epoch, batch_idx, global_step) of each
-        # One flag per optimizer step of the window, 1.0 where a gradient was not finite, and where
-        # each step was taken; the buffer lives on the device and is zeroed at each check.
+        # How gradients are watched (set by the step runner each epoch): "flags" on an accelerator,
+        # "read" on the CPU, None when not ("skip" checks them itself, a GradScaler skips inf steps).
+        self.grad_mode: str | None = None
+        self.params: list[torch.Tensor] = []  # the weights, checked when a loss goes bad ("read")
+        # "flags": one flag per optimizer step of the window, 1.0 where a gradient was not finite,
+        # and where each step was taken; the buffer lives on the device and is zeroed at each check.
         self.grad_flags: torch.Tensor | None = None
         self.grad_where: list[tuple[int, int, int]] = []
         self._one: torch.Tensor | None = None
+        # "read": where the last optimizer step was taken, and that step, once the first non-finite
+        # loss of the window found the weights it was computed with already spoiled.
+        self.last_step: tuple[int, int, int] | None = None
+        self._read_culprit: tuple[int, int, int] | None = None
+        self._bad_loss_seen = False
 
     def watch(self, loss: torch.Tensor, state: State) -> None:
-        """Keep a detached loss (and where it came from) until the next :meth:`check`."""
+        """Keep a detached loss (and where it came from) until the next :meth:`check`.
+
+        On the CPU, where reading a value makes nothing wait, the loss is also
+        read now; the first non-finite one has the weights it was computed
+        with checked, so a gradient that spoiled them is blamed, not this batch.
+        """
         self.window.append(loss)
         self.where.append((state.epoch, state.batch_idx, state.global_step))
+        if self.grad_mode == "read" and not self._bad_loss_seen:
+            finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
+            if not finite:  # rare: the one closer look of a window
+                self._bad_loss_seen = True
+                if self.params and not bool(finite_flags(self.params, loss.device).all()):
+                    self._read_culprit = self.last_step
 
     def watch_grads(self, groups: Sequence[Sequence[torch.nn.Parameter]], device: torch.device) -> None:
-        """Flag this optimizer step if a gradient is NaN or inf: one fused check per group of
-        parameters of one dtype on ``device`` (no sync). Call it for each optimizer that steps;
-        :meth:`step_done` closes the step."""
+        """On an accelerator: flag this optimizer step if a gradient is NaN or inf, with one fused
+        multi-tensor check per group of parameters of one dtype on ``device`` (no sync). Called
+        for each optimizer that steps; :meth:`step_done` closes the step."""
         index = len(self.grad_where)
         flags = self.grad_flags
         if flags is None or index >= flags.numel():
@@ -126,19 +150,20 @@ class NonFiniteGuard:
         assert one is not None
         for params in groups:
             grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                # Multiplies by 1.0 (exact) and sets the slot to 1.0 on a non-finite value: one
-                # multi-tensor kernel on an accelerator, the cheapest such check on a CPU.
+            if grads:  # multiplies by 1.0 (exact); sets the slot to 1.0 on a non-finite value
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, slot, one)
 
     def step_done(self, state: State) -> None:
-        """An optimizer step whose gradients :meth:`watch_grads` checked is complete."""
-        self.grad_where.append((state.epoch, state.batch_idx, state.global_step))
+        """An optimizer step is complete (before ``global_step`` counts it)."""
+        self.last_step = where = (state.epoch, state.batch_idx, state.global_step)
+        if self.grad_mode == "flags":
+            self.grad_where.append(where)
 
     def clear(self) -> None:
         """Forget the window (after a check, or a rollback)."""
         self.window.clear()
         self.where.clear()
+        self._read_culprit, self._bad_loss_seen = None, False
         if self.grad_where:
             self.grad_where.clear()
             if self.grad_flags is not None:
@@ -174,7 +199,7 @@ class NonFiniteGuard:
             return None
         losses = stack_scalars(window).float()
         since = where[0][2]
-        positions, steps = list(where), list(self.grad_where)
+        positions, steps, read_culprit = list(where), list(self.grad_where), self._read_culprit
         grads_ok = (
             self.grad_flags[: len(steps)].to(losses.device) == 0
             if steps and self.grad_flags is not None
@@ -197,7 +222,10 @@ class NonFiniteGuard:
         bad_steps = [i for i, ok in enumerate(flags[n_losses : n_losses + n_steps].tolist()) if not ok]
         weights = f"; non-finite weights now in: {bad_weights[:5]}" if bad_weights else ""
         culprit: tuple[int, int] | None = None
-        first_grad = steps[bad_steps[0]] if bad_steps else None
+        first_grad = steps[bad_steps[0]] if bad_steps else read_culprit
+        one_step = self.last_step is not None and positions[0][2] == positions[-1][2] == self.last_step[2]
+        if first_grad is None and not bad_losses and bad_weights and one_step:
+            first_grad = self.last_step  # a window of one step: its gradients spoiled the weights
         if first_grad is not None and (not bad_losses or first_grad[2] < positions[bad_losses[0]][2]):
             # The gradients of a step were not finite though every loss up to it was: blame its batch,
             # not the next one, whose loss the already damaged weights made non-finite.

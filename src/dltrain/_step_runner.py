@@ -36,6 +36,12 @@ def _position(where: tuple[int, int]) -> int:
     return where[0] * 2**31 + where[1]
 
 
+def reads_losses_as_they_come(device: torch.device) -> bool:
+    """Whether the non-finite policy reads each loss when it is computed: on the CPU only, where
+    reading a value makes nothing wait (on an accelerator it would stall the pipeline)."""
+    return device.type == "cpu"
+
+
 def _dense_groups(optimizer: torch.optim.Optimizer, device: torch.device) -> list[list[torch.nn.Parameter]]:
     """The optimizer's floating-point parameters on ``device``, by dtype, that hold plain tensors
     (sharded ones, such as FSDP's, are left to the check of the weights)."""
@@ -104,9 +110,9 @@ class StepRunner:
         self._after_bw: Any = None
         self._before_step: Any = None
         # Each optimizer's parameters by dtype, for the non-finite policy's per-step gradient flag
-        # (not with "skip", which checks with a sync, nor with a GradScaler, which skips inf steps).
+        # on an accelerator (see NonFiniteGuard; set each epoch).
         self._watched: dict[str, list[list[torch.nn.Parameter]]] = {}
-        self._watch_grads = not self.guard.skips and self.scaler is None
+        self._watch_grads = False
 
     def start_epoch(self) -> None:
         """Fetch the hook callers and the model's gradient-sync switch (once per epoch, not per step)."""
@@ -114,8 +120,23 @@ class StepRunner:
         self._before_bw, self._after_bw = hooks.get("on_before_backward"), hooks.get("on_after_backward")
         self._before_step = hooks.get("on_before_optimizer_step")
         self._sync_switch = grad_sync_switch(self.trainer.model) if self.accum > 1 else None
-        if self._watch_grads:
-            self._watched = {name: _dense_groups(opt, self.state.device) for name, opt in self._opts.items()}
+        self._watch_epoch_grads()
+
+    def _watch_epoch_grads(self) -> None:
+        """How the non-finite policy watches gradients this epoch: not with "skip" (it checks them
+        with a sync) nor with a GradScaler (it skips inf steps); else by flags on an accelerator,
+        by reading each loss on the CPU (see NonFiniteGuard)."""
+        guard, device = self.guard, self.state.device
+        if guard.skips or self.scaler is not None:
+            guard.grad_mode = None
+        elif reads_losses_as_they_come(device):
+            guard.grad_mode = "read"
+            model = self.trainer.model
+            guard.params = [p.detach() for p in model.parameters() if p.is_floating_point() and p.numel()]
+        else:
+            guard.grad_mode = "flags"
+            self._watched = {name: _dense_groups(opt, device) for name, opt in self._opts.items()}
+        self._watch_grads = guard.grad_mode == "flags"
 
     # -- per batch ----------------------------------------------------------------
 
@@ -162,8 +183,7 @@ class StepRunner:
             for optimizer in self._opts.values():
                 optimizer.zero_grad(set_to_none=True)
         self._skipping = self._skip_counted = False
-        if self._watch_grads:
-            self.guard.step_done(state)
+        self.guard.step_done(state)
         state.micro_step = 0
         state.global_step += 1
         if state.global_step % self.log_every == 0:
