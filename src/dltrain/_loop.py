@@ -65,6 +65,7 @@ class Driver:
         self.step_losses: dict[str, RunningMean] = {}  # the losses since the last on_step_metrics
         self.skip_batches: set[tuple[int, int]] = set()  # (epoch, batch_idx) a rollback skips
         self.last_restored_step = -1  # the global step of the checkpoint the last rollback restored
+        self._train_callers: tuple[Any, Any, Any] = (None, None, None)  # set at each epoch's start
 
     # -- resume ---------------------------------------------------------------------
 
@@ -208,6 +209,7 @@ class Driver:
         h.call("on_train_epoch_start", trainer=trainer, state=state)
         state.stage = Stage.TRAIN
         runner.start_epoch()
+        self._train_callers = self._batch_callers("training_step", "on_train_batch_start")
         last_idx = self.data.last_index(data)
         on_end, on_log = h.get("on_train_batch_end"), h.get("on_step_metrics")
         log_every = self.config.log_every_n_steps
@@ -248,7 +250,7 @@ class Driver:
         # A micro-batch steps when it completes its group, or is the epoch's last.
         runner.start_batch(state.micro_step + 1 == runner.accum or batch_idx == last_idx)
         try:
-            batch, raw = self._run_batch(batch, "training_step", "on_train_batch_start")
+            batch, raw = self._run_batch(batch, self._train_callers)
             output = _as_step_output(raw, batch, manual=runner.manual)
             if not runner.manual:
                 runner.automatic(output)
@@ -328,12 +330,13 @@ class Driver:
         state.batch_idx = 0
         h.call("on_eval_epoch_start", trainer=trainer, state=state)
         on_end = h.get("on_eval_batch_end")
+        callers = self._batch_callers("eval_step", "on_eval_batch_start")
         with torch.inference_mode():
             for batch_idx, batch in enumerate(data):
                 if limit is not None and batch_idx >= limit:
                     break
                 state.batch_idx = batch_idx
-                batch, output = self._run_batch(batch, "eval_step", "on_eval_batch_start")
+                batch, output = self._run_batch(batch, callers)
                 if not isinstance(output, StepOutput):
                     raise StepError(
                         f"eval_step returned {type(output).__name__}; it must return a StepOutput"
@@ -349,10 +352,9 @@ class Driver:
         h.call("on_eval_epoch_end", trainer=trainer, state=state, metrics=metrics)
         return metrics
 
-    def _run_batch(self, batch: Any, step_hook: str, start_hook: str) -> tuple[Any, Any]:
-        """Move a batch to the device, call its batch-start hook, run its step (under autocast
-        when mixed precision is on); the same for training and evaluation batches."""
-        trainer, state, h = self.trainer, self.state, self.hooks
+    def _batch_callers(self, step_hook: str, start_hook: str) -> tuple[Any, Any, Any]:
+        """The callers of a batch's hooks (transfer, batch start, step), fetched once per epoch."""
+        h = self.hooks
         transfer, on_start, step = h.get("transfer_batch"), h.get(start_hook), h.get(step_hook)
         if step is None:
             raise PluginError(
@@ -360,6 +362,13 @@ class Driver:
                 f"'step' plugin is disabled (disable_plugins). Keep it, or register a plugin with a "
                 f"{step_hook} hook"
             )
+        return transfer, on_start, step
+
+    def _run_batch(self, batch: Any, callers: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+        """Move a batch to the device, call its batch-start hook, run its step (under autocast
+        when mixed precision is on); the same for training and evaluation batches."""
+        trainer, state = self.trainer, self.state
+        transfer, on_start, step = callers
         if transfer is not None:
             batch = transfer(trainer=trainer, state=state, batch=batch, device=state.device)
         if on_start is not None:
@@ -408,6 +417,11 @@ class Driver:
 
 def _as_step_output(output: Any, batch: Any, *, manual: bool) -> StepOutput:
     """Check what ``training_step`` returned; wrap a bare loss tensor or a dict of named losses."""
+    # The usual case first (the default step's StepOutput with one loss): the checks below, fewer steps.
+    if not manual and type(output) is StepOutput and output.losses is None:
+        loss = output.loss
+        if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
+            return output
     if isinstance(output, StepOutput):
         result = output
     elif isinstance(output, torch.Tensor):
