@@ -276,7 +276,10 @@ class Driver:
         """Add the batch's losses to the interval's sums, on the device (no sync)."""
         windows = self.step_losses
         if output.loss is not None:
-            windows.setdefault("train_loss", RunningMean()).add(output.loss)
+            window = windows.get("train_loss")
+            if window is None:
+                window = windows["train_loss"] = RunningMean()
+            window.add_total(output.loss, 1)
         if output.losses:
             for name, value in output.losses.items():
                 windows.setdefault(f"train_{name}", RunningMean()).add(value)

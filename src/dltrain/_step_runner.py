@@ -159,8 +159,7 @@ class StepRunner:
         accumulation group a step of every optimizer. ``output.loss`` is replaced by its detached value."""
         loss = output.loss
         assert loss is not None
-        self.backward(loss)
-        output.loss = loss = loss.detach()
+        output.loss = self.backward(loss)
         if self._skipping:
             output.loss = None  # "skip": a skipped batch is left out of the epoch's loss
         if self.boundary:
@@ -191,9 +190,10 @@ class StepRunner:
 
     # -- what manual optimization calls -----------------------------------------------
 
-    def backward(self, loss: torch.Tensor, optimizer_name: str | None = None) -> None:
+    def backward(self, loss: torch.Tensor, optimizer_name: str | None = None) -> torch.Tensor:
         """Back-propagate ``loss``: divided by ``accumulate_grad_batches``, through the scaler,
-        outside autocast, with the backward hooks around it; the loss is watched by the non-finite policy."""
+        outside autocast, with the backward hooks around it; the loss is watched by the non-finite
+        policy. Returns the loss, detached."""
         if not self.in_step:
             raise StepError(
                 "trainer.backward() was called outside a training step; call it from training_step"
@@ -211,11 +211,13 @@ class StepRunner:
                 scaled.backward()  # type: ignore[no-untyped-call]
         if self._after_bw is not None:
             self._after_bw(trainer=trainer, state=state, optimizer_name=optimizer_name)
+        detached = loss.detach()  # once: the guard and the step's output share it
         if self.guard.skips:  # "skip" decides before the step: one sync per loss
-            if not self.guard.loss_finite(loss):
+            if not self.guard.loss_finite(detached):
                 self._skipping = True
         else:  # "raise" and "stop" read the window every few steps (no sync here)
-            self.guard.watch(loss.detach(), state)
+            self.guard.watch(detached, state)
+        return detached
 
     def optimizer_step(self, name: str) -> bool:
         """Step optimizer ``name`` at the end of an accumulation group; returns whether it stepped.
