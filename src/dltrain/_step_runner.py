@@ -130,9 +130,12 @@ class StepRunner:
         if guard.skips or self.scaler is not None:
             guard.grad_mode = None
         elif reads_losses_as_they_come(device):
-            guard.grad_mode = "read"
-            model = self.trainer.model
-            guard.params = [p.detach() for p in model.parameters() if p.is_floating_point() and p.numel()]
+            params = [p for p in self.trainer.model.parameters() if p.is_floating_point() and p.numel()]
+            # Sharded weights (FSDP) are checked by a collective, which one process cannot start alone
+            # when its loss went bad: there the blame stays with the losses.
+            sharded = any(getattr(p, "full_tensor", None) is not None for p in params)
+            guard.grad_mode = None if sharded else "read"
+            guard.params = [] if sharded else [p.detach() for p in params]
         else:
             guard.grad_mode = "flags"
             self._watched = {name: _dense_groups(opt, device) for name, opt in self._opts.items()}
