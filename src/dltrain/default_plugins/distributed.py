@@ -111,6 +111,15 @@ def _timeout_from_env() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+#: Stop-flag buffers of runs whose process group outlives them, kept for the life of the process.
+#: A Gloo worker thread may drop its reference to a finished collective's tensor a moment after the
+#: collective ends; when that is the last reference to a tensor Python made, it needs the GIL, and
+#: once the interpreter is finalising a thread that asks for the GIL is ended, which aborts the
+#: process ("terminate called without an active exception"). A group this plugin destroys joins its
+#: threads first; one it keeps (or the user's) runs until the process exits, so its buffers stay here.
+_BUFFERS_OF_KEPT_GROUPS: list[torch.Tensor] = []
+
+
 class DistributedPlugin:
     """Data-parallel (DDP) or sharded (FSDP) training across the processes of a ``torchrun`` job.
 
@@ -408,8 +417,10 @@ class DistributedPlugin:
             if self._in_flight is not None and dist.is_initialized() and not self._failed:
                 self._finish_count()  # every rank started it: waiting is safe
             if self._created_group and not self._keep_group and dist.is_initialized():
-                dist.destroy_process_group()
-            elif (
+                dist.destroy_process_group()  # joins the group's threads
+                return
+            _BUFFERS_OF_KEPT_GROUPS.extend(self._flags)  # the group's threads outlive this run
+            if (
                 self._own_flag_group
                 and self._flag_group is not None
                 and dist.is_initialized()
