@@ -93,6 +93,7 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "val_every_n_epochs": positive_int(optional=False),
     "accumulate_grad_batches": positive_int(optional=False),
     "log_every_n_steps": positive_int(optional=False),
+    "stop_check_every_n_steps": positive_int(optional=True),
     "gradient_clip_val": (
         st.floats(min_value=1e-6, max_value=1e6) | st.none(),
         st.floats(max_value=0.0) | st.just(math.nan) | st.sampled_from(["big", "", "1e-3", True]) | JUNK,

@@ -177,8 +177,11 @@ def test_each_process_knows_its_rank_and_gets_its_plain_model_back(ddp: dict[str
 @pytest.mark.parametrize(
     ("run", "step", "reason"),
     [
-        # Asked after step 3 (the NaN check at step 2): agreed without waiting, so one step later.
+        # Checked every step: asked after step 3 (the NaN check at step 2), agreed without
+        # waiting, so one step later.
         ("stop_at_step", 4, "asked on rank 1 only"),
+        # Checked every 2 steps (at 2, 4, ...): asked after step 1, exchanged at 2, read at 4.
+        ("stop_every_2_steps", 4, "asked on rank 1 only"),
         ("stop_at_epoch_end", 6, "asked on rank 0 only, at an epoch's end"),
         ("stop_nonfinite", 3, "non-finite"),
     ],
@@ -190,6 +193,18 @@ def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(
     assert [r["global_step"] for r in results] == [step, step]
     assert results[0]["epochs"] == results[1]["epochs"]
     assert all(r["stop_reason"].startswith(reason) for r in results)
+
+
+@needs_distributed
+def test_with_the_cadence_chosen_from_the_step_time_every_rank_still_stops_at_the_same_step(
+    ddp: dict[str, Any],
+) -> None:
+    # Asked after step 3; the checks come every 1, 2, 4, ... steps as fast as these are, or every
+    # step when slow. At the latest the epoch's end (step 6) stops all.
+    results = [r["stop_adaptive"] for r in ddp["ranks"]]
+    assert results[0]["global_step"] == results[1]["global_step"]
+    assert 4 <= results[0]["global_step"] <= 6
+    assert all(r["stop_reason"].startswith("asked on rank 1 only") for r in results)
 
 
 @needs_distributed

@@ -207,7 +207,8 @@ def test_the_default_nonfinite_policy_trains_under_fsdp(fsdp: dict[str, Any]) ->
 def test_a_nan_loss_on_one_rank_stops_every_rank_under_fsdp(fsdp: dict[str, Any]) -> None:
     results = [r["stop_on_nan_loss"] for r in fsdp["ranks"]]
     assert all("error" not in r for r in results), results
-    # Requested at the NaN check of step 2; agreed without a blocking collective, at step 3.
+    # Requested at the NaN check of step 2; checked every step (stop_check_every_n_steps=1), so
+    # agreed without a blocking collective at step 3.
     assert [r["global_step"] for r in results] == [3, 3]
 
 

@@ -228,6 +228,14 @@ class TrainerConfig(_Strict):
         "(DistributedDataParallel); 'fsdp' shards parameters, gradients and optimizer state (FSDP2 "
         "fully_shard). One process trains as usual with any value.",
     )
+    stop_check_every_n_steps: PositiveInt | None = Field(
+        default=None,
+        description="Under torchrun: every how many optimizer steps the processes exchange stop requests "
+        "(without waiting for each other), so that all stop at the same step. None: about every 50 ms "
+        "of training, every step when steps are slower; a stop then lands at most 3 check intervals "
+        "later. A number: exactly that cadence, so a stop lands at a step that depends only on when it "
+        "was asked (at most 2n-1 steps later).",
+    )
     precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
         default="32",
         description="'32' (float32), 'bf16-mixed' (autocast to bfloat16; CPU or CUDA), "

@@ -229,8 +229,10 @@ def agree_on_stop(trainer: Trainer, state: State, blocking: bool) -> bool | None
         blocking: False after an optimizer step: the implementation must not
             wait for the other processes (no blocking collective per step); it
             may answer for the requests made up to an earlier step, as long as
-            every process gets the same answer at the same step. True: the
-            answer covers every request made so far, in all processes.
+            every process gets the same answer at the same step (it should
+            then set ``state.stop_delay_steps`` to the most steps a request
+            may wait). True: the answer covers every request made so far, in
+            all processes.
 
     Returns:
         True: every process stops here (the implementation has called

@@ -89,6 +89,11 @@ class State:
             next step boundary (under torchrun: once every process agreed, at
             the same step in all of them).
         stop_reason: Why the run stopped (or will stop), for people to read.
+        stop_delay_steps: At most how many optimizer steps run after the one
+            where a stop is requested before the loop stops: 0 in one process
+            (it stops at that step's end); under torchrun the ``distributed``
+            plugin sets it from its stop-check cadence
+            (``stop_check_every_n_steps``).
         skipped_steps: Optimizer steps skipped by the ``on_nonfinite="skip"`` policy.
         rollbacks: Rollbacks made by the ``on_nonfinite="rollback"`` policy in this fit
             (not restored by a rollback itself).
@@ -107,6 +112,7 @@ class State:
     metrics: dict[str, float] = field(default_factory=dict)
     stop_requested: bool = False
     stop_reason: str | None = None
+    stop_delay_steps: int = 0
     skipped_steps: int = 0
     rollbacks: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

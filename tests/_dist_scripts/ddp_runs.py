@@ -365,10 +365,12 @@ def main_runs(out: Path, resume_from: str | None) -> dict[str, Any]:
         results["resumed_from_single"] = fit_sequential(resume=resume_from)
     results["in_memory"] = fit_in_memory_shuffled()
     results["loader_shuffled"] = fit_loader_shuffled()
-    results["stop_at_step"] = fit_with_stop(StopOnOneRank(1, step=3))
+    results["stop_at_step"] = fit_with_stop(StopOnOneRank(1, step=3), stop_check_every_n_steps=1)
+    results["stop_every_2_steps"] = fit_with_stop(StopOnOneRank(1, step=1), stop_check_every_n_steps=2)
+    results["stop_adaptive"] = fit_with_stop(StopOnOneRank(1, step=3))
     results["stop_at_epoch_end"] = fit_with_stop(StopOnOneRank(0, epoch_end=0))
     results["stop_nonfinite"] = fit_with_stop(
-        loss_fn=NanOnRank(rank=1, at=2), on_nonfinite="stop", log_every_n_steps=1
+        loss_fn=NanOnRank(rank=1, at=2), on_nonfinite="stop", log_every_n_steps=1, stop_check_every_n_steps=1
     )
     results["skip_nonfinite"] = fit_skipping_nan()
     results["resumed_mid_epoch"] = fit_resumed_mid_epoch(str(out / "mid_epoch_checkpoints"))

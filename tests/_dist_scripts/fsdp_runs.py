@@ -216,7 +216,7 @@ def fit_stopping_on_nan_loss() -> dict[str, Any]:
     """``on_nonfinite="stop"`` with a NaN loss on rank 1 only: where and why the run stopped, or its error."""
     x, y = data(N_TRAIN, 0)
     model = make_model()
-    trainer = _trainer(max_epochs=2, on_nonfinite="stop", log_every_n_steps=1)
+    trainer = _trainer(max_epochs=2, on_nonfinite="stop", log_every_n_steps=1, stop_check_every_n_steps=1)
     try:
         trainer.fit(
             model,

@@ -102,10 +102,10 @@ class TimeLimit:
 
         safety * (time until the next such point + one save) + margin
 
-    The next point is one step later (two under torchrun, where a stop takes
-    effect one step after it is asked for), the validation and the epoch-end
-    save after an epoch's training, or the next epoch's first step after an
-    epoch. Until a save was measured, a save is taken to last ``save_seconds``,
+    The next point is one step later (under torchrun, where a stop takes
+    effect up to ``state.stop_delay_steps`` steps after it is asked for, that
+    many more), the validation and the epoch-end save after an epoch's
+    training, or the next epoch's first step after an epoch. Until a save was measured, a save is taken to last ``save_seconds``,
     or the time to write three times the model's size (the weights and up to
     two optimizer moments per weight) at 100 MB/s. The measurements are in
     every checkpoint, so a resumed run knows them from its first step. The
@@ -239,7 +239,7 @@ class TimeLimit:
                     self._steps.append(taken)
                     self.step_seconds = max(self._steps)
             self._last_check, self._first_in_epoch = after, False
-            steps_ahead = 2 if state.world_size > 1 else 1  # under torchrun a stop lands a step late
+            steps_ahead = 1 + state.stop_delay_steps  # under torchrun a stop lands some steps late
             self._check(trainer, state, steps_ahead * (self.step_seconds or self.first_step_seconds or 0.0))
         return result
 

@@ -34,15 +34,15 @@ initialised, so single-process runs pay nothing. In each run it:
 signal, ``on_nonfinite="stop"``, any plugin's ``request_stop``) may be
 requested on one rank only, but all ranks must leave the loop at the same
 step, or one waits forever in a collective the others never join. The loop
-asks wherever it checks for a stop. After each optimizer step the ranks
-all-reduce, without waiting, the count of ranks that want to stop, and read
-the count started one step earlier (finished long since): when it is
-nonzero, every rank stops at this step, with the reason of the lowest rank
-that asked. So a stop takes effect one step after it is requested, at the
-same step everywhere, and no rank ever waits for another per step (one
-non-blocking Gloo all-reduce of a CPU tensor a step: under NCCL no GPU
-synchronisation). At epoch boundaries and at fit start the count is exact
-(a blocking all-reduce). Nothing here runs inside a signal handler; signal
+asks wherever it checks for a stop; the answer comes from
+``StopAgreement`` (module ``_stop_agreement``): at check points
+(every ``stop_check_every_n_steps`` optimizer steps, or about every 50 ms of
+training) the ranks all-reduce, without waiting, whether any wants to stop, and
+read the all-reduce started at the check point before (finished long since):
+when it says yes, every rank stops at this step, with the reason of the lowest
+rank that asked. No rank ever waits for another between epochs, and most steps
+exchange nothing. At epoch boundaries and at fit start the answer is exact (a
+blocking all-reduce). Nothing here runs inside a signal handler; signal
 plugins must only record the signal and call ``request_stop`` from a hook.
 """
 
@@ -63,6 +63,7 @@ from dltrain._markers import hookimpl
 from dltrain._warnings import warn
 from dltrain.default_plugins import _fsdp
 from dltrain.default_plugins._sharding import ShardSampler, shard_data
+from dltrain.default_plugins._stop_agreement import StopAgreement
 from dltrain.errors import ConfigError, DeviceError
 from dltrain.state import Phase, RunKind
 
@@ -167,12 +168,8 @@ class DistributedPlugin:
         self._keep_group = False  # a model sharded on the group outlives the run
         self._even_eval: Trainer | None = None  # set while a sharded model runs on several processes
         self._created_group = False
-        self._flag_group: Any = None
-        self._own_flag_group = False
-        # Two stop-flag buffers, used in turn: one may be in an all-reduce still in flight.
-        self._flags = (torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
-        self._next_flag = 0
-        self._in_flight: tuple[Any, torch.Tensor] | None = None
+        self._own_flag_group = False  # the agreement's group is a Gloo side group of this run's
+        self._agreement: StopAgreement | None = None  # the run's stop exchange, once the group is up
         self._failed = False  # the run raised: a rank may be gone, never wait for it
         self._wrapped: torch.nn.Module | None = None
         self._run_seed = 0
@@ -196,7 +193,7 @@ class DistributedPlugin:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             self._init_group("nccl" if cuda else "gloo")
-        self._setup_flag_group()
+        self._setup_flag_group(config)
         device = yield
         if isinstance(device, torch.device) and dist.get_world_size() > 1:
             if device.type == "cuda" and request in ("auto", "cuda"):
@@ -230,18 +227,17 @@ class DistributedPlugin:
         # a new one could race with ranks still connected to the old, so it is kept.
         self._created_group = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
-    def _setup_flag_group(self) -> None:
+    def _setup_flag_group(self, config: TrainerConfig) -> None:
         # Stop flags travel as CPU tensors: under NCCL on a Gloo side group, so agreeing costs no
         # GPU synchronisation. Under Gloo on the default group: an all-reduce left in flight
-        # between two steps is matched by its sequence number, as every rank issues the same
-        # collectives in the same order, so it cannot mix with the model's own.
-        self._in_flight, self._next_flag, self._failed = None, 0, False
-        if "gloo" in str(dist.get_backend()).lower():
-            self._flag_group, self._own_flag_group = dist.group.WORLD, False
-        else:
-            timeout = self._timeout or _timeout_from_env()
-            self._flag_group = dist.new_group(backend="gloo", timeout=timeout)
-            self._own_flag_group = True
+        # between two check points is matched by its sequence number, as every rank issues the
+        # same collectives in the same order, so it cannot mix with the model's own.
+        self._failed = False
+        group: Any = dist.group.WORLD
+        self._own_flag_group = "gloo" not in str(dist.get_backend()).lower()
+        if self._own_flag_group:
+            group = dist.new_group(backend="gloo", timeout=self._timeout or _timeout_from_env())
+        self._agreement = StopAgreement(group, config.stop_check_every_n_steps)
 
     @hookimpl(wrapper=True, tryfirst=True)
     def on_setup(self, trainer: Trainer, state: State) -> Generator[None, Any, Any]:
@@ -331,7 +327,8 @@ class DistributedPlugin:
         if self._even_eval is None or phase is Phase.TRAIN:
             return shard
         trainer = self._even_eval
-        group, limit = self._flag_group, trainer.config.limit_val_batches
+        assert self._agreement is not None  # set up in select_device
+        group, limit = self._agreement.group, trainer.config.limit_val_batches
         return _fsdp.EvenBatches(data if shard is None else shard, trainer, state, group, limit)
 
     # -- stop agreement -------------------------------------------------------------
@@ -340,18 +337,27 @@ class DistributedPlugin:
     def agree_on_stop(self, trainer: Trainer, state: State, blocking: bool) -> bool | None:
         """Whether every rank stops here (see "Stop agreement" in the module docs).
 
-        After an optimizer step (``blocking=False``) it reads the all-reduce
-        started at the previous step, which has long finished, and starts this
-        step's: no rank waits for another, and all act on the same count at
-        the same step. At epoch boundaries it waits for an exact count.
+        After an optimizer step (``blocking=False``): between check points it
+        answers False at once; at a check point it reads the all-reduce started
+        at the previous one, which has long finished, and starts the next: no
+        rank waits for another, and all act on the same answer at the same
+        step. It then sets ``state.stop_delay_steps``. At epoch boundaries it
+        waits for an exact answer.
         """
-        if state.world_size < 2 or self._flag_group is None:
+        agreement = self._agreement
+        if state.world_size < 2 or agreement is None:
             return None
-        wanting = self._count_now(state) if blocking else self._count_one_step_late(state)
+        if blocking:
+            wanting = agreement.count_now(state)
+        elif state.global_step < agreement.next_check:
+            return False  # between two check points: nothing to read or start (most steps)
+        else:
+            wanting = agreement.count_at_check(state)
+        state.stop_delay_steps = agreement.delay_steps
         if not wanting:
             return False
         reasons: list[Any] = [None] * state.world_size
-        dist.all_gather_object(reasons, state.stop_reason if state.stop_requested else None, self._flag_group)
+        dist.all_gather_object(reasons, state.stop_reason if state.stop_requested else None, agreement.group)
         if not state.stop_requested:
             first = next(r for r, reason in enumerate(reasons) if reason is not None)
             trainer.request_stop(f"{reasons[first]} (on rank {first})")
@@ -360,41 +366,13 @@ class DistributedPlugin:
     @hookimpl
     def agree_on_max(self, state: State, values: list[int]) -> list[int] | None:
         """The elementwise maximum of ``values`` over the ranks (a blocking all-reduce, once in flight ended)."""
-        if state.world_size < 2 or self._flag_group is None:
+        agreement = self._agreement
+        if state.world_size < 2 or agreement is None:
             return None
-        self._finish_count()
+        agreement.finish()
         tensor = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._flag_group)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=agreement.group)
         return [int(v) for v in tensor.tolist()]  # a CPU tensor: no device sync
-
-    def _count_one_step_late(self, state: State) -> int:
-        """The number of ranks that wanted to stop at the previous step; starts this step's count."""
-        wanting = self._finish_count()
-        buffer = self._flags[self._next_flag]
-        self._next_flag ^= 1
-        buffer.fill_(1 if state.stop_requested else 0)
-        self._in_flight = (
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._flag_group, async_op=True),
-            buffer,
-        )
-        return wanting
-
-    def _count_now(self, state: State) -> int:
-        """The number of ranks that want to stop now (a blocking all-reduce, once any in flight ended)."""
-        self._finish_count()
-        buffer = self._flags[0]
-        buffer.fill_(1 if state.stop_requested else 0)
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._flag_group)
-        return int(buffer.item())  # a CPU tensor: no device sync
-
-    def _finish_count(self) -> int:
-        """Wait for the all-reduce in flight, if any (started a step ago: done by now); its count."""
-        if self._in_flight is None:
-            return 0
-        work, buffer = self._in_flight
-        self._in_flight = None
-        work.wait()
-        return int(buffer.item())
 
     # -- teardown ---------------------------------------------------------------
 
@@ -413,25 +391,22 @@ class DistributedPlugin:
         self._even_eval = None
         if self._wrapped is not None:
             trainer.model, self._wrapped = self._wrapped, None
+        agreement, self._agreement = self._agreement, None
         try:
-            if self._in_flight is not None and dist.is_initialized() and not self._failed:
-                self._finish_count()  # every rank started it: waiting is safe
+            pending = agreement is not None and agreement.in_flight is not None
+            if agreement is not None and pending and dist.is_initialized() and not self._failed:
+                agreement.finish()  # every rank started it: waiting is safe
+                pending = False
             if self._created_group and not self._keep_group and dist.is_initialized():
                 dist.destroy_process_group()  # joins the group's threads
-                return
-            _BUFFERS_OF_KEPT_GROUPS.extend(self._flags)  # the group's threads outlive this run
-            if (
-                self._own_flag_group
-                and self._flag_group is not None
-                and dist.is_initialized()
-                and not (self._failed and self._in_flight is not None)  # pending work on a dead peer
-            ):
-                dist.destroy_process_group(self._flag_group)
+            elif agreement is not None:
+                _BUFFERS_OF_KEPT_GROUPS.extend(agreement.buffers)  # the group's threads outlive this run
+                if self._own_flag_group and dist.is_initialized() and not pending:  # not: work on a dead peer
+                    dist.destroy_process_group(agreement.group)
         except Exception as exc:  # pragma: no cover - never hide the run's own error
             warn(f"dltrain: destroying the process group failed: {exc!r}")
         finally:
-            self._created_group, self._own_flag_group, self._flag_group = False, False, None
-            self._in_flight = None
+            self._created_group, self._own_flag_group = False, False
 
 
 def make_plugin(config: TrainerConfig) -> DistributedPlugin | None:
