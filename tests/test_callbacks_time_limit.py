@@ -18,16 +18,22 @@ from dltrain.testing import tiny_loader, tiny_model
 
 
 class FakeClock:
-    """A clock that moves only as the run does: per training batch, per validation, per checkpoint save."""
+    """A clock that moves only as the run does: per epoch start, training batch, validation, checkpoint save."""
 
     name = "fake_clock"
 
-    def __init__(self, batch: float = 1.0, validation: float = 0.0, save: float = 5.0) -> None:
+    def __init__(
+        self, batch: float = 1.0, validation: float = 0.0, save: float = 5.0, epoch_start: float = 0.0
+    ) -> None:
         self.now = 0.0
-        self.batch, self.validation, self.save = batch, validation, save
+        self.batch, self.validation, self.save, self.epoch_start = batch, validation, save, epoch_start
 
     def __call__(self) -> float:
         return self.now
+
+    @dltrain.hookimpl
+    def on_train_epoch_start(self) -> None:
+        self.now += self.epoch_start
 
     @dltrain.hookimpl
     def on_train_batch_start(self) -> None:
@@ -77,6 +83,22 @@ def test_the_fit_stops_in_time_and_its_last_step_is_saved(capsys: pytest.Capture
     )
     assert capsys.readouterr().out.splitlines()[-1] == (
         "time limit: stopped 55.0s into 1m0s; the final checkpoint took 5.0s; fit ended 0.0s before the limit"
+    )
+
+
+def test_a_stop_right_after_an_epochs_save_says_the_last_step_was_saved_already(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # An epoch: 3 s to start, 4 one-second steps, a 5 s save; the second ends at 24 s. The next
+    # epoch's first step (4 s) and a final save would not fit in the 6 s left: the stop comes after
+    # the epoch's save, and the final save has nothing new to write.
+    clock = FakeClock(epoch_start=3.0)
+    limit = TimeLimit(seconds=30, margin=0, safety=1, clock=clock)
+    trainer = fit(clock, limit)
+    assert trainer.state is not None and trainer.state.global_step == 8 and clock.now == 24
+    assert list_checkpoints("ckpt")[-1].global_step == 8
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "time limit: stopped 24.0s into 30.0s; its last step was saved already; fit ended 6.0s before the limit"
     )
 
 

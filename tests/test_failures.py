@@ -990,8 +990,8 @@ def test_under_torchrun_sigterm_to_one_process_stops_all_at_the_same_step(tmp_pa
     job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert job.returncode != 0  # torchrun reports workers that exited with 143 as failed
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    # Agreed without a blocking collective per step: the count started at step 6 is read at step 7,
-    # where both ranks stop.
+    # Checked every step (stop_check_every_n_steps=1), without a blocking collective: the exchange
+    # started at step 6 is read at step 7, where both ranks stop.
     assert ranks[0]["steps"] == ranks[1]["steps"] == list(range(1, 8)), job.stderr
     assert ranks[1]["reason"] == "SIGTERM received"
     assert ranks[0]["reason"] == "SIGTERM received (on rank 1)"

@@ -67,6 +67,7 @@ def main() -> None:
         progress="off",
         run_dir=None,
         checkpoint={"dir": out / "ckpt", "every_n_epochs": None},
+        stop_check_every_n_steps=1,  # the stop lands one step after the signal: a step the test can name
         plugins=plugins,
     )
     model = tiny_model()

@@ -286,9 +286,11 @@ class TimeLimit:
         self._saved(last, self._clock() - before, scheduled=bool(policy and policy.save_on_fit_end))
         if self.stopped and state.is_global_zero and self._stopped_at is not None:
             ended = self.limit - (self.time_left() or 0.0)
-            saved = (
-                f"the final checkpoint took {format_duration(self._final_save)}; " if self._final_save else ""
-            )
+            saved = ""
+            if self._final_save is not None:
+                saved = f"the final checkpoint took {format_duration(self._final_save)}; "
+            elif (self._last_saved() or {}).get("step") == state.global_step:
+                saved = "its last step was saved already; "  # e.g. stopped right after an epoch's save
             print(
                 f"time limit: stopped {format_duration(self._stopped_at)} into {format_duration(self.limit)}; "
                 f"{saved}fit ended {format_duration(max(self.limit - ended, 0.0))} before the limit",
