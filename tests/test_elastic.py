@@ -114,14 +114,6 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two_and_save_by_hand(tm
         )
         for _ in range(2)
     ]
-    single = subprocess.run(
-        [*_torchrun("--standalone", "--nproc-per-node=2"), "--out", str(one_node), "--scenario", "plain"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT_S,
-        check=False,
-    )
     outputs = []
     for agent in agents:
         try:
@@ -132,6 +124,16 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two_and_save_by_hand(tm
             pytest.fail("a node of the two-node job hung")
     for agent, (_, err) in zip(agents, outputs, strict=True):
         assert agent.returncode == 0, err[-6000:]
+    # The reference job only now: run beside the two nodes, its launcher could pick the same free
+    # port as theirs for a store (torch before 2.5 lets rank 0 host one on a port chosen early).
+    single = subprocess.run(
+        [*_torchrun("--standalone", "--nproc-per-node=2"), "--out", str(one_node), "--scenario", "plain"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+        check=False,
+    )
     assert single.returncode == 0, single.stderr[-6000:]
     nodes, reference = _results(two_nodes), _results(one_node)
     assert sorted(r["node"] for r in nodes) == [(0, 0), (1, 0)]  # two agents, one process each

@@ -48,7 +48,9 @@ plugins must only record the signal and call ``request_stop`` from a hook.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import os
 from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -121,6 +123,17 @@ def _timeout_from_env() -> datetime.timedelta:
 _BUFFERS_OF_KEPT_GROUPS: list[torch.Tensor] = []
 
 
+def _destroy_kept_group_at_exit() -> None:
+    """At exit, before the interpreter finalises: destroy the default group this plugin made and kept.
+
+    Destroying it joins Gloo's worker threads while they can still take the GIL, so the tensors of
+    the last collectives (the metrics', a checkpoint's) are released in time (see above).
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # a DDP wrapper left in a reference cycle holds the group
+        dist.destroy_process_group()
+
+
 class DistributedPlugin:
     """Data-parallel (DDP) or sharded (FSDP) training across the processes of a ``torchrun`` job.
 
@@ -167,7 +180,8 @@ class DistributedPlugin:
         self._shard_modules = shard_modules
         self._keep_group = False  # a model sharded on the group outlives the run
         self._even_eval: Trainer | None = None  # set while a sharded model runs on several processes
-        self._created_group = False
+        self._created_group = False  # the group is destroyed at teardown
+        self._made_group = False  # this plugin made the default group (else the user did)
         self._own_flag_group = False  # the agreement's group is a Gloo side group of this run's
         self._agreement: StopAgreement | None = None  # the run's stop exchange, once the group is up
         self._failed = False  # the run raised: a rank may be gone, never wait for it
@@ -226,6 +240,7 @@ class DistributedPlugin:
         # it (a launcher that only sets the variables), rank 0's group hosts the store;
         # a new one could race with ranks still connected to the old, so it is kept.
         self._created_group = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        self._made_group = True
 
     def _setup_flag_group(self, config: TrainerConfig) -> None:
         # Stop flags travel as CPU tensors: under NCCL on a Gloo side group, so agreeing costs no
@@ -401,6 +416,10 @@ class DistributedPlugin:
                 dist.destroy_process_group()  # joins the group's threads
             elif agreement is not None:
                 _BUFFERS_OF_KEPT_GROUPS.extend(agreement.buffers)  # the group's threads outlive this run
+                if self._made_group:  # kept: destroyed at exit; not after a failure (a peer may be gone)
+                    atexit.unregister(_destroy_kept_group_at_exit)
+                    if not self._failed:
+                        atexit.register(_destroy_kept_group_at_exit)
                 if self._own_flag_group and dist.is_initialized() and not pending:  # not: work on a dead peer
                     dist.destroy_process_group(agreement.group)
         except Exception as exc:  # pragma: no cover - never hide the run's own error
