@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import os
 import subprocess
@@ -136,6 +137,10 @@ def worker(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         print(table(["variant", "epoch s (median)", "µs/step over plain", "ratio", "90% interval"], rows))
         print(f"RESULT ddp_overhead_ratio={median(ratios):.4f}")
+    # Free the DDP models (each holds the group) before destroying the group, so that destroying it
+    # joins Gloo's threads now, not while the interpreter shuts down (which can abort the process).
+    del plain, alternate, trainer, model
+    gc.collect()
     dist.destroy_process_group()
     return 0
 
