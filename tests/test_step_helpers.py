@@ -122,6 +122,14 @@ class TinyLM(torch.nn.Module):
 def test_a_hugging_face_shaped_batch_trains_with_the_models_own_loss() -> None:
     ids = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones(4, 6), "labels": ids}
-    model = TinyLM()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the initial weights do not depend on the tests that ran before
+        model = TinyLM()
+    with torch.no_grad():
+        before = float(model(**batch)["loss"])
     history = _fit(model, [batch] * 20)
-    assert history["train_loss"][0] < 2.0  # it learned to copy its input: far below ln(10) = 2.3
+    with torch.no_grad():
+        after = float(model(**batch)["loss"])
+    # It learned to copy its input from its own loss (a drop of 0.6 to 1.0 for any initial weights).
+    assert after < before - 0.4
+    assert after < history["train_loss"][0] < before
