@@ -117,6 +117,47 @@ def test_a_loss_that_does_not_require_grad_names_the_likely_causes() -> None:
         fit(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+class BareLossStep:
+    """A training step that returns a bare tensor, made from the batch's loss by ``make``."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+        self.sizes: list[int] = []
+
+    @dltrain.hookimpl
+    def training_step(self, trainer: dltrain.Trainer, model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, targets = batch
+        loss: torch.Tensor = trainer.loss_fn(model(inputs), targets)
+        return self.make(loss)  # type: ignore[no-any-return]
+
+    @dltrain.hookimpl
+    def on_train_batch_end(self, output: dltrain.StepOutput) -> None:
+        self.sizes.append(output.batch_size)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda loss: loss.detach(), r"the loss does not require grad"),
+        (lambda loss: loss.repeat(3), r"the loss must be a scalar tensor, got shape \(3,\)"),
+        (lambda loss: loss.reshape(1, 1), None),  # one value in any shape is a scalar loss
+        (lambda loss: loss, None),
+    ],
+)
+def test_a_bare_loss_tensor_from_a_training_step_is_checked_like_a_step_output(
+    make: Any, message: Any
+) -> None:
+    step = BareLossStep(make)
+    trainer = make_trainer(disable_plugins=["step"], plugins=[step, *([Untouched()] if message else [])])
+    if message is not None:
+        with pytest.raises(StepError, match=message):
+            fit(trainer=trainer)
+    else:
+        history = fit(trainer=trainer)
+        assert step.sizes and all(size == 16 for size in step.sizes)  # the batch's size, for the metrics
+        assert history["train_loss"]
+
+
 # -- the targets do not fit the loss (found at the first batch) ---------------------------------
 
 

@@ -254,9 +254,10 @@ class Driver:
             output = _as_step_output(raw, batch, manual=runner.manual)
             if not runner.manual:
                 runner.automatic(output)
-            runner.end_batch()
-        finally:
+            runner.end_batch()  # leaves the step as close() would
+        except BaseException:
             runner.close()
+            raise
         return batch, output
 
     def _finish_partial_group(self) -> None:
@@ -420,11 +421,15 @@ class Driver:
 
 def _as_step_output(output: Any, batch: Any, *, manual: bool) -> StepOutput:
     """Check what ``training_step`` returned; wrap a bare loss tensor or a dict of named losses."""
-    # The usual case first (the default step's StepOutput with one loss): the checks below, fewer steps.
-    if not manual and type(output) is StepOutput and output.losses is None:
-        loss = output.loss
-        if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
-            return output
+    # The usual cases first (the default step's StepOutput with one loss, or a bare scalar loss):
+    # the checks below, fewer steps.
+    if not manual:
+        if type(output) is StepOutput and output.losses is None:
+            loss = output.loss
+            if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
+                return output
+        elif isinstance(output, torch.Tensor) and output.requires_grad and output.numel() == 1:
+            return StepOutput(output, None, None, batch_size_of(batch))
     if isinstance(output, StepOutput):
         result = output
     elif isinstance(output, torch.Tensor):
