@@ -170,6 +170,37 @@ def test_a_second_fit_reuses_the_wrapper_and_never_wraps_twice() -> None:
     assert trainer.model is model
 
 
+class WrapsForTheRun:
+    """Wraps the model for the run and gives it back at teardown, as the distributed plugin does with DDP."""
+
+    def __init__(self) -> None:
+        self.wrapper: Any = None
+
+    @hookimpl
+    def on_setup(self, trainer: dltrain.Trainer) -> None:
+        self.wrapper = torch.nn.Sequential(trainer.model)
+        trainer.model = self.wrapper
+
+    @hookimpl
+    def on_teardown(self, trainer: dltrain.Trainer) -> None:
+        trainer.model = self.wrapper[0]
+
+
+def test_a_wrapper_compiled_for_one_run_is_not_kept_after_it() -> None:
+    """Under DDP the compiled module is the run's DDP wrapper, whose reducer holds the process group:
+    kept for reuse (no later run can reuse it), it would outlive the group until the interpreter exits."""
+    import gc
+    import weakref
+
+    plugin = WrapsForTheRun()
+    trainer, model, _ = fit(AOT_EAGER, epochs=1, plugins=(plugin,))
+    wrapper = weakref.ref(plugin.wrapper)
+    plugin.wrapper = None
+    gc.collect()
+    assert trainer.model is model
+    assert wrapper() is None, "the trainer still holds the run's wrapper"
+
+
 def test_a_model_compiled_by_the_user_is_not_compiled_again() -> None:
     seen = ModelSeen()
     model = tiny_model()

@@ -37,6 +37,10 @@ class Compiler:
     def __init__(self) -> None:
         self._last: tuple[torch.nn.Module, CompileOptions, torch.nn.Module] | None = None
 
+    def forget(self) -> None:
+        """Drop the last wrapper (and the module it compiled)."""
+        self._last = None
+
     def wrap(self, model: torch.nn.Module, options: CompileOptions) -> torch.nn.Module:
         """``torch.compile(model)`` with ``options``; ``model`` itself when the user compiled it
         already (under DDP: the module inside)."""

@@ -555,7 +555,8 @@ class Trainer:
         """Setup, exception reporting and teardown shared by every entry point."""
         self._hooks.refresh()
         self._loop = None
-        compiled, uncompiled = None, self.model
+        given = self.model
+        compiled, uncompiled = None, given
         error: BaseException | None = None
         try:
             options = self.config.compile_options()
@@ -588,9 +589,15 @@ class Trainer:
                 raise
             raise error from exc
         finally:
-            if compiled is not None and self.model is compiled:
-                # The user's module again, as DDP unwrapping (in on_teardown) gives it back.
-                self.model = uncompiled
+            if compiled is not None:
+                if self.model is compiled:
+                    # The user's module again, as DDP unwrapping (in on_teardown) gives it back.
+                    self.model = uncompiled
+                if uncompiled is not given:
+                    # Compiled around a plugin's wrapper (DDP): no later run can reuse it, and kept, it
+                    # would keep that wrapper and its process group alive until the interpreter exits.
+                    self._compiler.forget()
+                del compiled, uncompiled  # nothing of this run's wrappers is kept by this frame
             self._teardown(state, error)
 
     def _teardown(self, state: State, error: BaseException | None) -> None:

@@ -404,8 +404,9 @@ class DistributedPlugin:
         the rest of the process: the model's parameters live on it.
         """
         self._even_eval = None
-        if self._wrapped is not None:
-            trainer.model, self._wrapped = self._wrapped, None
+        users_model, self._wrapped = self._wrapped, None
+        if users_model is not None:
+            trainer.model = users_model
         agreement, self._agreement = self._agreement, None
         try:
             pending = agreement is not None and agreement.in_flight is not None
@@ -413,6 +414,8 @@ class DistributedPlugin:
                 agreement.finish()  # every rank started it: waiting is safe
                 pending = False
             if self._created_group and not self._keep_group and dist.is_initialized():
+                if users_model is not None:
+                    gc.collect()  # free the DDP wrapper (its reducer holds the group) while the group lives
                 dist.destroy_process_group()  # joins the group's threads
             elif agreement is not None:
                 _BUFFERS_OF_KEPT_GROUPS.extend(agreement.buffers)  # the group's threads outlive this run
