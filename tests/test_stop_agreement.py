@@ -21,12 +21,26 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 
 @pytest.fixture
-def group() -> Iterator[object]:
+def group(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A one-process Gloo group; the agreements made on it are finished, as the plugin's teardown
+    does, and kept alive until the group is destroyed (a Gloo worker releasing the last reference
+    to a buffer while the group is destroyed deadlocks on the GIL under torch 2.4)."""
+    made: list[StopAgreement] = []
+    make = StopAgreement.__init__
+
+    def init(self: StopAgreement, *args: object, **kwargs: object) -> None:
+        make(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(StopAgreement, "__init__", init)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield dist.group.WORLD
     finally:
+        for agreement in made:
+            agreement.finish()
         dist.destroy_process_group()
+        made.clear()
 
 
 class Clock:
