@@ -459,7 +459,7 @@ def test_the_command_line_trains_compiled_and_refuses_an_unknown_backend(
 # -- distributed -------------------------------------------------------------------------
 
 DDP_SCRIPT = """
-import os, sys
+import os, sys, weakref
 import torch
 from torch import nn
 import dltrain
@@ -469,7 +469,7 @@ gen = torch.Generator().manual_seed(0)
 x, y = torch.randn(64, 784, generator=gen), torch.randint(0, 10, (64,), generator=gen)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-chains = []
+chains, run_wrappers = [], []
 
 
 class Wrapping:
@@ -478,6 +478,8 @@ class Wrapping:
         chain, m = [], trainer.model
         while m is not None:
             chain.append(type(m).__name__)
+            if m is not model:
+                run_wrappers.append(weakref.ref(m))
             m = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
         chains.append(chain)
 
@@ -491,7 +493,10 @@ trainer.fit(
     model, data, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
     loss_fn=nn.CrossEntropyLoss(),
 )
-result = {"weights": model.state_dict(), "chains": chains, "given_back": trainer.model is model}
+result = {
+    "weights": model.state_dict(), "chains": chains, "given_back": trainer.model is model,
+    "wrappers_freed": all(ref() is None for ref in run_wrappers),  # the DDP module too, with its group
+}
 torch.save(result, os.path.join(sys.argv[1], "rank" + os.environ.get("RANK", "0") + ".pt"))
 """
 
@@ -527,6 +532,7 @@ def test_under_ddp_the_compiled_wrapper_holds_the_ddp_module(
             ("OptimizedModule", "DistributedDataParallel", "Sequential")
         }
         assert rank["given_back"]
+        assert rank["wrappers_freed"], "the compiled wrapper or the DDP module outlived the run"
         for key, value in reference["weights"].items():
             torch.testing.assert_close(rank["weights"][key], value, rtol=0, atol=1e-5, msg=key)
 

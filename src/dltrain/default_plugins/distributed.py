@@ -52,6 +52,7 @@ import atexit
 import datetime
 import gc
 import os
+import weakref
 from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -405,7 +406,9 @@ class DistributedPlugin:
         """
         self._even_eval = None
         users_model, self._wrapped = self._wrapped, None
+        wrapper = None
         if users_model is not None:
+            wrapper = weakref.ref(trainer.model)  # the DDP module of on_setup (compile unwrapped already)
             trainer.model = users_model
         agreement, self._agreement = self._agreement, None
         try:
@@ -414,8 +417,10 @@ class DistributedPlugin:
                 agreement.finish()  # every rank started it: waiting is safe
                 pending = False
             if self._created_group and not self._keep_group and dist.is_initialized():
-                if users_model is not None:
-                    gc.collect()  # free the DDP wrapper (its reducer holds the group) while the group lives
+                if wrapper is not None and wrapper() is not None:
+                    # Still alive, held by reference cycles (a compiled wrapper's): free it while the group
+                    # lives, or its reducer keeps the group until the interpreter exits (Gloo may abort).
+                    gc.collect()
                 dist.destroy_process_group()  # joins the group's threads
             elif agreement is not None:
                 _BUFFERS_OF_KEPT_GROUPS.extend(agreement.buffers)  # the group's threads outlive this run
